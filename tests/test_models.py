@@ -168,7 +168,9 @@ def test_unknown_name_is_config_error_listing_names() -> None:
         ("block", "foo", "model.block", "'standard'"),
     ],
 )
-def test_bad_option_value_is_config_error(option: str, value: str, field: str, allowed: str) -> None:
+def test_bad_option_value_is_config_error(
+    option: str, value: str, field: str, allowed: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         models.build("cifar_resnet20", **{option: value})
     msg = str(err.value)
