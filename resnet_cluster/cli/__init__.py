@@ -1,0 +1,40 @@
+"""The ``resnet-cluster`` command line (typer + rich). The only package that prints."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from resnet_cluster.errors import UserError
+
+app = typer.Typer(
+    name="resnet-cluster",
+    help="Reproduce 'Deep Residual Learning for Image Recognition' on Ray clusters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _register() -> None:
+    from resnet_cluster.cli import data, models, runs, submit
+
+    app.command("submit")(submit.submit)
+    app.add_typer(runs.app, name="runs")
+    app.add_typer(data.app, name="data")
+    app.add_typer(models.app, name="models")
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry: user errors become one paragraph on stderr and exit code 2."""
+    from resnet_cluster.cli.common import err_console
+
+    try:
+        app()
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

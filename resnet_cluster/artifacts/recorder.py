@@ -1,0 +1,140 @@
+"""The loop callback that writes a run's growing files (rank 0 only).
+
+``training_loss.csv`` gets one row per log window and ``testing_error.csv`` one row per
+evaluation; both are uploaded while training runs (at most every few seconds, and at every
+epoch end), so a user can plot a run that is still going. On resume, rows logged after the
+checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.provenance import environment_snapshot
+from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
+from resnet_cluster.artifacts.store import ArtifactStore
+from resnet_cluster.config import JobConfig
+from resnet_cluster.engine.loop import Callback
+
+TRAIN_FIELDS = ["iteration", "epoch", "loss", "train_err", "lr", "images_per_sec", "time"]
+TEST_FIELDS = [
+    "epoch", "iteration", "top1_err", "top5_err", "test_loss",
+    "train_loss", "train_err", "lr", "images_per_sec", "epoch_time_s", "time",
+]  # fmt: skip
+MODEL_FORMAT = 1
+
+
+def save_model_file(path: str, model: torch.nn.Module, cfg: JobConfig, summary: dict[str, Any]) -> None:
+    """``model.pt``: the final weights plus what is needed to rebuild the module."""
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "arch": cfg.model.arch,
+            "model_options": {
+                "shortcut": cfg.model.shortcut,
+                "block": cfg.model.block,
+                "zero_init_residual": cfg.model.zero_init_residual,
+            },
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": cfg.to_dict(),
+            "summary": summary,
+        },
+        path,
+    )
+
+
+class RunRecorder(Callback):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        store: str | ArtifactStore,
+        run_id: str,
+        *,
+        workers: list[dict[str, Any]] | None = None,
+        submission: str | None = None,
+        csv_interval_s: float = 5.0,
+    ):
+        self.cfg = cfg
+        self.store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
+        self.run_id = run_id
+        self.workers = workers or []
+        self.submission = submission
+        self.writer = RunWriter(self.store, run_id)
+        self.train_csv = CsvLog(self.store, run_id, layout.TRAIN_CSV, TRAIN_FIELDS, min_interval_s=csv_interval_s)
+        self.test_csv = CsvLog(self.store, run_id, layout.TEST_CSV, TEST_FIELDS, min_interval_s=csv_interval_s)
+        self.last_eval: dict[str, Any] = {}
+        self.best_eval: dict[str, Any] = {}
+
+    def _earlier_start_in_this_submission(self) -> bool:
+        if self.submission is None or not self.store.exists(self.run_id, layout.EVENTS):
+            return False
+        import json
+
+        for line in self.store.read_text(self.run_id, layout.EVENTS).splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("submission") == self.submission and ev.get("event") in ("started", "resumed", "restarted"):
+                return True
+        return False
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        start_epoch, start_iter = info["start_epoch"], info["start_iteration"]
+        if info["resumed"]:
+            kind = "restarted" if self._earlier_start_in_this_submission() else "resumed"
+            self.train_csv.resume(lambda r: int(r["iteration"]) <= start_iter)
+            self.test_csv.resume(lambda r: int(r["epoch"]) < start_epoch)
+        else:
+            kind = "started"
+            self.train_csv.flush()
+            self.test_csv.flush()
+        self.writer.event(
+            kind,
+            submission=self.submission,
+            epoch=start_epoch,
+            iteration=start_iter,
+            world_size=len(self.workers) or 1,
+            hosts=sorted({w.get("hostname") for w in self.workers if w.get("hostname")}),
+        )
+        env = environment_snapshot()
+        env["workers"] = self.workers
+        env["scaling"] = self.cfg.scaling.model_dump()
+        env["run"] = {k: info[k] for k in ("iters_per_epoch", "total_iterations", "total_epochs", "parameters")}
+        self.store.write_json(self.run_id, layout.ENVIRONMENT, env)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self.train_csv.append({**{k: record.get(k) for k in TRAIN_FIELDS}, "time": utc_now()})
+
+    def on_epoch_end(self, record: dict[str, Any], state) -> None:
+        if "top1_err" in record:
+            self.test_csv.append({**{k: record.get(k) for k in TEST_FIELDS}, "time": utc_now()})
+            self.last_eval = record
+            if not self.best_eval or record["top1_err"] < self.best_eval["top1_err"]:
+                self.best_eval = record
+        self.train_csv.flush()
+        self.test_csv.flush()
+
+    def on_finish(self, summary: dict[str, Any], model: torch.nn.Module) -> None:
+        with tempfile.TemporaryDirectory(prefix="rc-model-") as d:
+            path = os.path.join(d, layout.MODEL)
+            save_model_file(path, model, self.cfg, summary)
+            self.store.put_file(self.run_id, path, layout.MODEL)
+        self.train_csv.close()
+        self.test_csv.close()
+        pick = ("top1_err", "top5_err", "test_loss", "train_loss", "epoch", "iteration")
+        self.writer.write_summary(
+            "finished",
+            epochs=summary["epochs"],
+            iterations=summary["iterations"],
+            final={k: self.last_eval.get(k) for k in pick},
+            best={k: self.best_eval.get(k) for k in pick},
+            job=self.cfg.name,
+            model=self.cfg.model.arch,
+            images_per_sec=self.last_eval.get("images_per_sec"),
+        )

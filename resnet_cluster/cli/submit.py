@@ -1,0 +1,151 @@
+"""``resnet-cluster submit``: run one job on Ray Train and store the run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any, List, Optional
+
+import typer
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import TimeRemainingColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+from resnet_cluster.cli.common import console, err_console, fmt_err, fmt_num, print_json
+
+
+class LiveDisplay:
+    """Epoch, iteration, loss, lr, last test error and images/s, fed by ``on_progress``."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  test err {task.fields[err]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("starting Ray", total=None, loss="-", lr="-", err="-", ips="-")
+        self.total_epochs = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, item: dict[str, Any]) -> None:
+        with self.lock:
+            kind = item.get("kind")
+            if kind == "cluster":
+                where = item.get("dashboard_url")
+                self.progress.console.print(
+                    f"run [bold]{item['run_id']}[/] -> {item['uri']}"
+                    + (f"\nRay dashboard: http://{where}" if where and not where.startswith("http") else "")
+                    + (f"\nRay dashboard: {where}" if where and where.startswith("http") else ""),
+                    highlight=False,
+                )
+                self.progress.update(self.task, description="starting Ray Train workers")
+            elif kind == "start":
+                self.total_epochs = int(item["total_epochs"])
+                self.progress.update(
+                    self.task,
+                    total=item["total_iterations"],
+                    completed=item["start_iteration"],
+                    description=f"epoch {int(item['start_epoch']) + 1}/{self.total_epochs}",
+                )
+                self.progress.reset(self.task, total=item["total_iterations"], completed=item["start_iteration"])
+            elif kind == "log":
+                self.progress.update(
+                    self.task,
+                    completed=item["iteration"],
+                    description=f"epoch {int(item['epoch']) + 1}/{self.total_epochs}",
+                    loss=f"{item['loss']:.4f}",
+                    lr=f"{item['lr']:.3g}",
+                    ips=f"{item['images_per_sec']:.0f}",
+                )
+            elif kind == "epoch" and "top1_err" in item:
+                self.progress.update(self.task, err=fmt_err(item["top1_err"]))
+
+
+def _summary_table(result: dict[str, Any]) -> Table:
+    t = Table(title=f"Run {result['run_id']}: {result['status']}", show_header=False)
+    final, best = result.get("final") or {}, result.get("best") or {}
+    t.add_row("final test error (top-1 / top-5)", f"{fmt_err(final.get('top1_err'))} / {fmt_err(final.get('top5_err'))}")
+    t.add_row("best test error", f"{fmt_err(best.get('top1_err'))} (epoch {best.get('epoch')})")
+    t.add_row("epochs / iterations", f"{final.get('epoch', -1) + 1} / {final.get('iteration')}")
+    t.add_row("training images/s (last epoch)", fmt_num(result.get("images_per_sec"), ".1f"))
+    t.add_row("wall time", f"{result['seconds']:.0f} s")
+    t.add_row("artifacts", result["uri"])
+    return t
+
+
+def submit(
+    job: str = typer.Argument(..., help="The job file, e.g. jobs/smoke.yaml."),
+    set_: List[str] = typer.Option(
+        [], "--set", help="Override a field: --set optim.lr=0.01 (value parsed as YAML). Repeatable."
+    ),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Shorthand for --set scaling.workers=N."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Run id. Re-submitting with the same --name resumes that run from its last checkpoint."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved job and the scaling plan; start nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of the live display."),
+) -> None:
+    """Train a job with Ray Train (DDP over scaling.workers) and store the run's artifacts."""
+    from resnet_cluster import config
+    from resnet_cluster.launch.submit import RunFailed
+    from resnet_cluster.launch.submit import submit as run_submit
+    from resnet_cluster.launch.trainer import scaling_plan
+
+    overrides = list(set_) + ([f"scaling.workers={workers}"] if workers is not None else [])
+    cfg = config.load(job, overrides)
+    if name is not None:
+        from resnet_cluster.artifacts.layout import validate_run_id
+
+        validate_run_id(name)
+    plan = scaling_plan(cfg)
+
+    if dry_run:
+        if json_out:
+            print_json({"job": cfg.to_dict(), "scaling_plan": plan, "run_id": name})
+            return
+        console.print(Panel(Syntax(cfg.to_yaml(), "yaml", theme="ansi_dark"), title=f"resolved job: {job}"))
+        t = Table(title="Ray Train scaling plan", show_header=False)
+        t.add_row("workers", str(plan["workers"]))
+        t.add_row("global batch", str(plan["global_batch"]))
+        t.add_row("per-worker batch", str(plan["per_worker_batch"]))
+        t.add_row("resources per worker", ", ".join(f"{k}={v:g}" for k, v in plan["resources_per_worker"].items()))
+        t.add_row("total resources", ", ".join(f"{k}={v:g}" for k, v in plan["total_resources"].items()))
+        t.add_row("DDP backend", plan["backend"])
+        t.add_row("placement", plan["placement_strategy"])
+        console.print(t)
+        return
+
+    try:
+        if json_out:
+            result = run_submit(cfg, run_id=name, address=address, source_dir=os.getcwd())
+            print_json(result)
+            return
+        with LiveDisplay() as live:
+            result = run_submit(cfg, run_id=name, address=address, on_progress=live, source_dir=os.getcwd())
+        console.print(_summary_table(result))
+    except RunFailed as e:
+        if json_out:
+            print_json({"run_id": e.run_id, "status": "failed", "uri": e.uri, "error": str(e)})
+        else:
+            err_console.print(f"[bold red]run {e.run_id} failed[/] (artifacts so far: {e.uri}):\n{e}", highlight=False)
+        sys.exit(1)

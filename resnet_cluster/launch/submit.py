@@ -1,0 +1,239 @@
+"""Submit one job: prepare the run folder, fit the TorchTrainer, finish the run folder.
+
+The driver writes what only it knows (the resolved config, the source commit and patch of the
+checkout it was started from, the submitted/finished/failed events, and the manifest, last);
+rank 0 of the workers writes what the training produces (CSVs, environment, model, summary).
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import yaml
+
+from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.manifest import write_manifest
+from resnet_cluster.artifacts.provenance import git_provenance
+from resnet_cluster.artifacts.run import RunWriter
+from resnet_cluster.artifacts.store import ArtifactStore
+from resnet_cluster.config import JobConfig
+from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
+from resnet_cluster.launch import cluster
+from resnet_cluster.launch.trainer import build_trainer, scaling_plan
+
+
+class RunFailed(Exception):
+    """Training failed for a reason that is not the user's input (see ``run_id``, ``uri``)."""
+
+    def __init__(self, message: str, *, run_id: str, uri: str):
+        super().__init__(message)
+        self.run_id, self.uri = run_id, uri
+
+
+def new_run_id(job_name: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{job_name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def check_dataset(cfg: JobConfig) -> None:
+    """Fail before starting Ray when the dataset is plainly missing (driver-side check)."""
+    if cfg.data.dataset != "cifar10":
+        return
+    import fsspec
+
+    root = cfg.data.root
+    try:
+        fs, base = fsspec.core.url_to_fs(root)
+        ok = fs.exists(base.rstrip("/") + "/meta.json")
+    except Exception as e:  # credentials, endpoint, bad URI
+        raise DataError(f"cannot read data.root {root}: {e}. Check the URI and credentials.") from None
+    if not ok:
+        raise DataError(
+            f"no prepared CIFAR-10 dataset at {root} (data.root): meta.json is missing. Run "
+            f"`resnet-cluster data prepare cifar10 --dest {root}` first, or set data.root to where "
+            "you prepared it (or use data.dataset: synthetic for a smoke test)."
+        )
+
+
+def _check_resources(cfg: JobConfig, info: dict[str, Any]) -> None:
+    need = scaling_plan(cfg)["total_resources"]
+    have = info["resources"]
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
+        hint = (
+            "Lower scaling.workers or scaling.cpus_per_worker (or use --workers N)"
+            if "GPU" not in short
+            else "Set scaling.use_gpu: false to train on CPUs"
+        )
+        raise ClusterError(
+            f"the Ray cluster ({info['address']}) is too small for this job ({detail}). "
+            f"{hint}, or connect to a larger cluster with --address."
+        )
+
+
+def prepare_run(cfg: JobConfig, store: ArtifactStore, run_id: str, *, source_dir: str = ".") -> bool:
+    """Create the run folder, or check that an existing one may be resumed. Returns resuming."""
+    layout.validate_run_id(run_id)
+    resuming = store.exists(run_id, layout.CONFIG)
+    if resuming:
+        if store.exists(run_id, layout.MANIFEST):
+            raise StoreError(
+                f"run {run_id} in {store.root} already finished (it has a manifest); nothing to "
+                "resume. Choose another --name, or leave --name out for a fresh run id."
+            )
+        old = yaml.safe_load(store.read_text(run_id, layout.CONFIG))
+        new = cfg.to_dict()
+        if old != new:
+            diff = _diff_keys(old, new)
+            raise StoreError(
+                f"run {run_id} in {store.root} was started with a different job "
+                f"(differs in: {', '.join(diff) or 'unknown'}). Resuming needs the same job; "
+                "choose another --name to start a new run."
+            )
+        return True
+    store.write_text(run_id, layout.CONFIG, cfg.to_yaml())
+    commit, patch = git_provenance(source_dir)
+    store.write_text(run_id, layout.GIT_COMMIT, commit)
+    store.write_text(run_id, layout.GIT_PATCH, patch)
+    return False
+
+
+def submit(
+    cfg: JobConfig,
+    *,
+    run_id: str | None = None,
+    address: str | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    source_dir: str = ".",
+) -> dict[str, Any]:
+    """Run ``cfg`` on Ray Train and return ``{run_id, status, uri, metrics, ...}``.
+
+    Raises UserError subclasses for anything the user can fix, RunFailed when training fails.
+    """
+    store = ArtifactStore(cfg.artifacts.store)
+    run_id = run_id or new_run_id(cfg.name)
+    check_dataset(cfg)
+    resuming = prepare_run(cfg, store, run_id, source_dir=source_dir)
+    writer = RunWriter(store, run_id)
+    submission = secrets.token_hex(4)
+    info = cluster.connect(address)
+    writer.event(
+        "submitted",
+        submission=submission,
+        resuming=resuming,
+        address=info["address"],
+        dashboard=info["dashboard_url"],
+    )
+    if on_progress:
+        on_progress({"kind": "cluster", "run_id": run_id, "uri": store.run_uri(run_id), **info})
+    try:
+        _check_resources(cfg, info)
+    except UserError as e:
+        writer.event("failed", submission=submission, error=str(e))
+        raise
+
+    import ray
+    from ray.util.queue import Queue
+
+    progress_q = Queue(actor_options={"num_cpus": 0}) if on_progress else None
+    stop = threading.Event()
+
+    def pump() -> None:  # queue -> on_progress, in a thread so fit() keeps the main thread
+        while not stop.is_set():
+            try:
+                items = progress_q.get_nowait_batch(progress_q.qsize()) if progress_q.qsize() else []
+            except (queue_mod.Empty, Exception):
+                items = []
+            for item in items:
+                on_progress(item)
+            stop.wait(0.5)
+
+    pump_thread = threading.Thread(target=pump, daemon=True) if progress_q is not None else None
+    if pump_thread:
+        pump_thread.start()
+    t0 = time.time()
+    try:
+        trainer = build_trainer(cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q)
+        trainer.fit()
+    except KeyboardInterrupt:
+        writer.event("stopped", submission=submission, reason="interrupted (Ctrl-C)")
+        raise
+    except Exception as e:
+        user = _user_error_in(e)
+        msg = str(user) if user else _first_lines(e)
+        writer.event("failed", submission=submission, error=msg)
+        if user:
+            raise user from None
+        raise RunFailed(msg, run_id=run_id, uri=store.run_uri(run_id)) from e
+    finally:
+        stop.set()
+        if pump_thread:
+            pump_thread.join(timeout=5)
+            try:  # drain what arrived after the last poll
+                while progress_q.qsize():
+                    on_progress(progress_q.get_nowait())
+            except Exception:
+                pass
+            ray.kill(progress_q.actor)
+
+    summary = store.read_json(run_id, layout.SUMMARY) if store.exists(run_id, layout.SUMMARY) else {}
+    writer.event("finished", submission=submission, seconds=round(time.time() - t0, 1))
+    write_manifest(store, run_id)  # last: a run without a manifest is not finished
+    return {
+        "run_id": run_id,
+        "status": "finished",
+        "uri": store.run_uri(run_id),
+        "store": store.root,
+        "resumed": resuming,
+        "seconds": round(time.time() - t0, 1),
+        "final": summary.get("final", {}),
+        "best": summary.get("best", {}),
+        "images_per_sec": summary.get("images_per_sec"),
+        "dashboard": info["dashboard_url"],
+    }
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _user_error_in(e: BaseException) -> UserError | None:
+    """A UserError raised inside a worker arrives wrapped; dig it out."""
+    seen = set()
+    stack = [e]
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen or cur is None:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, UserError):
+            return cur
+        stack.extend([cur.__cause__, cur.__context__, getattr(cur, "cause", None)])
+        stack.extend(getattr(cur, "worker_failures", {}).values())
+        if getattr(cur, "controller_failure", None) is not None:
+            stack.append(cur.controller_failure)
+    return None
+
+
+def _first_lines(e: BaseException, n: int = 12) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = text.splitlines()
+    return "\n".join(lines[-n:]) if len(lines) > n else text
+
+
+def default_source_dir() -> str:
+    return os.getcwd()
