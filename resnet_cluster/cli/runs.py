@@ -35,7 +35,11 @@ def list_runs(
         return
     table = Table(title=f"Runs in {st.root}")
     for col in ("run id", "job", "model", "status", "epochs", "best test err", "started"):
-        table.add_column(col, justify="right" if col in ("epochs", "best test err") else "left")
+        table.add_column(
+            col,
+            justify="right" if col in ("epochs", "best test err") else "left",
+            no_wrap=col in ("run id", "status", "started"),
+        )
     for r in records:
         style = STATUS_STYLE.get(r.status, "")
         table.add_row(

@@ -145,7 +145,7 @@ def submit(
         console.print(_summary_table(result))
     except RunFailed as e:
         if json_out:
-            print_json({"run_id": e.run_id, "status": "failed", "uri": e.uri, "error": str(e)})
+            print_json({"run_id": e.run_id, "status": e.status, "uri": e.uri, "error": str(e)})
         else:
-            err_console.print(f"[bold red]run {e.run_id} failed[/] (artifacts so far: {e.uri}):\n{e}", highlight=False)
-        sys.exit(1)
+            err_console.print(f"[bold red]run {e.run_id} {e.status}[/] (artifacts so far: {e.uri}):\n{e}", highlight=False)
+        sys.exit(130 if e.status == "stopped" else 1)

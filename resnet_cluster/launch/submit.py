@@ -32,9 +32,17 @@ from resnet_cluster.launch.trainer import build_trainer, scaling_plan
 class RunFailed(Exception):
     """Training failed for a reason that is not the user's input (see ``run_id``, ``uri``)."""
 
+    status = "failed"
+
     def __init__(self, message: str, *, run_id: str, uri: str):
         super().__init__(message)
         self.run_id, self.uri = run_id, uri
+
+
+class RunStopped(RunFailed):
+    """Training was stopped (Ctrl-C) before it finished; the run can be resumed."""
+
+    status = "stopped"
 
 
 def new_run_id(job_name: str) -> str:
@@ -163,9 +171,10 @@ def submit(
     try:
         trainer = build_trainer(cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q)
         trainer.fit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ray Train's own SIGINT handler aborts the controller and may exit via SystemExit.
         writer.event("stopped", submission=submission, reason="interrupted (Ctrl-C)")
-        raise
+        raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=store.run_uri(run_id)) from None
     except Exception as e:
         user = _user_error_in(e)
         msg = str(user) if user else _first_lines(e)
@@ -184,7 +193,11 @@ def submit(
                 pass
             ray.kill(progress_q.actor)
 
-    summary = store.read_json(run_id, layout.SUMMARY) if store.exists(run_id, layout.SUMMARY) else {}
+    if not store.exists(run_id, layout.SUMMARY):
+        # fit() also returns normally when Ray Train's SIGINT handler aborted the run.
+        writer.event("stopped", submission=submission, reason="training ended before the last epoch")
+        raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=store.run_uri(run_id))
+    summary = store.read_json(run_id, layout.SUMMARY)
     writer.event("finished", submission=submission, seconds=round(time.time() - t0, 1))
     write_manifest(store, run_id)  # last: a run without a manifest is not finished
     return {
@@ -199,6 +212,13 @@ def submit(
         "images_per_sec": summary.get("images_per_sec"),
         "dashboard": info["dashboard_url"],
     }
+
+
+def _stopped_msg(run_id: str) -> str:
+    return (
+        f"run {run_id} was stopped before it finished. Re-submit the same job with "
+        f"--name {run_id} to resume it from its last checkpoint."
+    )
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -81,5 +81,4 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
-        metadata={"run_id": run_id, "job": cfg.name},
     )
