@@ -269,6 +269,9 @@ def from_dict(data: dict, *, source: str = "job") -> JobConfig:
 
 
 def _check_model(cfg: JobConfig, source: str) -> None:
+    """Refuse a model the registry would refuse, at load time rather than on the workers."""
+    import torch
+
     from resnet_cluster import models
 
     names = [m.name for m in models.available()]
@@ -277,6 +280,16 @@ def _check_model(cfg: JobConfig, source: str) -> None:
             f"{source}: invalid job: field `model.arch`: got {cfg.model.arch!r}: unknown model; "
             f"choose one of {', '.join(names)} (see `resnet-cluster models list`)."
         )
+    try:
+        with torch.device("meta"):  # checks every option without allocating weights
+            models.build(
+                cfg.model.arch,
+                shortcut=cfg.model.shortcut,
+                block=cfg.model.block,
+                zero_init_residual=cfg.model.zero_init_residual,
+            )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: invalid job: {e}") from None
 
 
 def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

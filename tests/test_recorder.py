@@ -227,13 +227,6 @@ def test_resume_from_scratch_store_has_no_rows_to_keep(run1, tmp_path):
     assert [e["event"] for e in events(store)] == ["resumed"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="artifacts/recorder.py RunRecorder.on_finish writes summary.json 'best' from "
-    "self.best_eval, which only holds evaluations seen since this process started; after a "
-    "resume, a best epoch from before the checkpoint (kept in testing_error.csv and in fit's "
-    "summary['best_top1_err']) is ignored",
-)
 def test_summary_best_after_resume_covers_epochs_before_checkpoint(tmp_path):
     """Drive the recorder by hand: epoch 0 is the best (10%), the run is resumed at epoch 1
     and epoch 1 gets 30%. summary.json's best must be epoch 0, the minimum of the CSV."""

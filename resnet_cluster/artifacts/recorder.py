@@ -48,6 +48,18 @@ def save_model_file(path: str, model: torch.nn.Module, cfg: JobConfig, summary: 
     )
 
 
+def _number(text: str | None) -> Any:
+    if text in (None, ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
 class RunRecorder(Callback):
     def __init__(
         self,
@@ -84,12 +96,26 @@ class RunRecorder(Callback):
                 return True
         return False
 
+    def _reload_evals(self) -> None:
+        """Last and best evaluation from the rows kept on resume (epochs before the checkpoint)."""
+        import csv
+
+        with open(self.test_csv.local_path, newline="") as f:
+            for row in csv.DictReader(f):
+                rec = {k: _number(v) for k, v in row.items()}
+                if rec.get("top1_err") is None:
+                    continue
+                self.last_eval = rec
+                if not self.best_eval or rec["top1_err"] < self.best_eval["top1_err"]:
+                    self.best_eval = rec
+
     def on_start(self, info: dict[str, Any]) -> None:
         start_epoch, start_iter = info["start_epoch"], info["start_iteration"]
         if info["resumed"]:
             kind = "restarted" if self._earlier_start_in_this_submission() else "resumed"
             self.train_csv.resume(lambda r: int(r["iteration"]) <= start_iter)
             self.test_csv.resume(lambda r: int(r["epoch"]) < start_epoch)
+            self._reload_evals()
         else:
             kind = "started"
             self.train_csv.flush()

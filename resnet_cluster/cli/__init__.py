@@ -31,10 +31,12 @@ _register()
 
 def main() -> None:
     """Console-script entry: user errors become one paragraph on stderr and exit code 2."""
+    from rich.markup import escape
+
     from resnet_cluster.cli.common import err_console
 
     try:
         app()
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -8,6 +8,7 @@ import threading
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.progress import TimeRemainingColumn
@@ -147,5 +148,8 @@ def submit(
         if json_out:
             print_json({"run_id": e.run_id, "status": e.status, "uri": e.uri, "error": str(e)})
         else:
-            err_console.print(f"[bold red]run {e.run_id} {e.status}[/] (artifacts so far: {e.uri}):\n{e}", highlight=False)
+            err_console.print(
+                f"[bold red]run {e.run_id} {e.status}[/] (artifacts so far: {escape(e.uri)}):\n{escape(str(e))}",
+                highlight=False,
+            )
         sys.exit(130 if e.status == "stopped" else 1)
