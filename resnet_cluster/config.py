@@ -282,12 +282,7 @@ def _check_model(cfg: JobConfig, source: str) -> None:
         )
     try:
         with torch.device("meta"):  # checks every option without allocating weights
-            models.build(
-                cfg.model.arch,
-                shortcut=cfg.model.shortcut,
-                block=cfg.model.block,
-                zero_init_residual=cfg.model.zero_init_residual,
-            )
+            models.build(cfg.model.arch, **cfg.model.model_dump(exclude={"arch"}))
     except ConfigError as e:
         raise ConfigError(f"{source}: invalid job: {e}") from None
 

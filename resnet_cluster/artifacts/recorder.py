@@ -19,7 +19,7 @@ from resnet_cluster.artifacts.provenance import environment_snapshot
 from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
-from resnet_cluster.engine.loop import Callback
+from resnet_cluster.engine.loop import Callback, model_options
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "train_err", "lr", "images_per_sec", "time"]
 TEST_FIELDS = [
@@ -35,11 +35,7 @@ def save_model_file(path: str, model: torch.nn.Module, cfg: JobConfig, summary: 
         {
             "format": MODEL_FORMAT,
             "arch": cfg.model.arch,
-            "model_options": {
-                "shortcut": cfg.model.shortcut,
-                "block": cfg.model.block,
-                "zero_init_residual": cfg.model.zero_init_residual,
-            },
+            "model_options": model_options(cfg),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": cfg.to_dict(),
             "summary": summary,

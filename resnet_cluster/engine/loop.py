@@ -40,15 +40,15 @@ class Callback:
     def on_finish(self, summary: dict[str, Any], model: nn.Module) -> None: ...
 
 
+def model_options(cfg: JobConfig) -> dict[str, Any]:
+    """Every ``model`` key but ``arch`` goes to the builder, so a new key needs no plumbing."""
+    return cfg.model.model_dump(exclude={"arch"})
+
+
 def build_model(cfg: JobConfig) -> nn.Module:
     from resnet_cluster import models
 
-    model = models.build(
-        cfg.model.arch,
-        shortcut=cfg.model.shortcut,
-        block=cfg.model.block,
-        zero_init_residual=cfg.model.zero_init_residual,
-    )
+    model = models.build(cfg.model.arch, **model_options(cfg))
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = cfg.bn.momentum
