@@ -135,6 +135,13 @@ class PrecisionConfig(_Section):
     compile: bool = False
 
 
+class EvalConfig(_Section):
+    # ImageNet views: 1crop (shorter side 256, centre 224), 10crop (4 corners + centre and their
+    # flips, softmax averaged), multiscale (fully convolutional, scores averaged over scales).
+    # CIFAR is always the single original 32x32 view, which is what 1crop means there.
+    protocol: Literal["1crop", "10crop", "multiscale"] = "1crop"
+
+
 class ArtifactsConfig(_Section):
     store: str = Field(default_factory=default_store)
 
@@ -152,6 +159,7 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     failure: FailureSection = FailureSection()
     precision: PrecisionConfig = PrecisionConfig()
+    eval: EvalConfig = EvalConfig()
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
 
     @field_validator("name")

@@ -347,3 +347,29 @@ def build_loaders(
     info = {"num_train": len(arrays.train_x), "num_test": len(arrays.test_x),
             "classes": list(arrays.classes)}
     return train, test, info
+
+
+def build_loaders_for(
+    cfg, *, rank: int, world_size: int, device: str | torch.device = "cpu"
+) -> tuple[ImageBatches, ImageBatches, dict]:
+    """The loop's entry point: this rank's (train, test, info) for a JobConfig.
+
+    The training loop calls only this, so the data package decides which job keys it reads.
+    """
+    if cfg.data.dataset in ("cifar10", "synthetic") and cfg.eval.protocol != "1crop":
+        raise DataError(
+            f"eval.protocol {cfg.eval.protocol!r} needs ImageNet-sized images; CIFAR is tested on "
+            "the single original 32x32 view. Use eval.protocol: 1crop (the default)."
+        )
+    return build_loaders(
+        dataset=cfg.data.dataset,
+        root=cfg.data.root,
+        augment=cfg.data.augment,
+        batch_size=cfg.per_worker_batch,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed,
+        synthetic_train=cfg.data.synthetic_train,
+        synthetic_test=cfg.data.synthetic_test,
+        device=device,
+    )

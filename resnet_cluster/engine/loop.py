@@ -210,7 +210,7 @@ def fit(
     ``Callback.on_epoch_end``; training continues at the epoch after it. ``wrap_model`` wraps
     the model for data parallelism (DDP) after it is on ``ctx.device``.
     """
-    from resnet_cluster.data.loaders import build_loaders
+    from resnet_cluster.data.loaders import build_loaders_for
 
     ctx = ctx or WorkerContext()
     # The same seed on every rank gives the same initial weights (DDP also broadcasts them).
@@ -220,18 +220,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = LRSchedule.from_config(cfg)
-    train_batches, test_batches, data_info = build_loaders(
-        dataset=cfg.data.dataset,
-        root=cfg.data.root,
-        augment=cfg.data.augment,
-        batch_size=cfg.per_worker_batch,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=cfg.seed,
-        synthetic_train=cfg.data.synthetic_train,
-        synthetic_test=cfg.data.synthetic_test,
-        device=ctx.device,
-    )
+    train_batches, test_batches, data_info = build_loaders_for(cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     iters_per_epoch = len(train_batches)
     if iters_per_epoch == 0:
         raise ConfigError(
