@@ -105,6 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from resnet_cluster.artifacts.recorder import RunRecorder
     from resnet_cluster.config import from_dict
+    from resnet_cluster.metrics import RayMetrics
 
     cfg = from_dict(config["job"], source="job (on worker)")
     # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree with the job's request.
@@ -136,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if config.get("progress_queue") is not None:
             callbacks.append(ProgressForwarder(config["progress_queue"]))
+    callbacks.append(RayMetrics(config["run_id"], ctx.rank))
     callbacks.append(RayReporter(cfg, ctx))
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
