@@ -72,32 +72,83 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    solver: Literal["sgd"] = "sgd"
+    # sgd: momentum_style picks the convention (REFERENCE.md §2; they differ at every lr change):
+    #   pytorch  v = m*v + g,         w -= lr*v
+    #   caffe    v = m*v + lr*g,      w -= v        (KaimingHe's released models)
+    #   torch7   v = m*v + (1-m)*g,   w -= lr*v     (optim.sgd with dampening = momentum)
+    # rmsprop / adagrad / adadelta follow Torch7's optim package as gcr used them (alpha, eps,
+    # rho below); adadelta's lr only scales its step (1.0 is Zeiler's rule).
+    solver: Literal["sgd", "rmsprop", "adagrad", "adadelta"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    momentum_style: Literal["pytorch", "caffe", "torch7"] = "pytorch"
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
+    # false: no weight decay on BN gamma/beta and on biases (Goyal et al. 2017 recipes)
+    decay_bn_and_bias: bool = True
+    alpha: float = Field(0.99, gt=0, lt=1)  # rmsprop: decay of the squared-gradient average
+    rho: float = Field(0.9, gt=0, lt=1)  # adadelta: decay of both running averages
+    eps: float | None = Field(None, gt=0)  # None: rmsprop 1e-8, adagrad 1e-10, adadelta 1e-6
+    # Linear scaling rule (Goyal et al. 2017): lr * train.batch_size / reference_batch.
+    scale_lr_with_batch: bool = False
+    reference_batch: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _sgd_only(self) -> OptimConfig:
+        if self.nesterov and (self.solver != "sgd" or self.momentum == 0):
+            raise ValueError("optim.nesterov needs optim.solver sgd and optim.momentum > 0")
+        if self.nesterov and self.momentum_style == "torch7":
+            raise ValueError(
+                "optim.nesterov with momentum_style torch7 is undefined (Torch7's optim.sgd "
+                "refuses nesterov with dampening); use momentum_style pytorch or caffe"
+            )
+        return self
 
 
 class WarmupConfig(_Section):
-    """A constant low lr at the start: the paper's ResNet-110 uses 0.01 until the training error
-    is below 80% (about 400 iterations); gcr used 0.001 for 400 iterations."""
+    """A low lr at the start.
 
-    lr: float = Field(gt=0)
+    ``policy: constant`` holds ``lr`` until the training error is below ``until_train_error``
+    and/or for ``iterations`` (the paper's ResNet-110: 0.01 until below 80%, about 400
+    iterations; gcr: 0.001 for 400 iterations). ``policy: linear`` ramps from ``lr`` to the
+    schedule's lr over ``iterations`` or ``epochs`` (Goyal et al. 2017: 5 epochs); its ``lr``
+    defaults to the unscaled optim.lr with ``optim.scale_lr_with_batch``, else 0.
+    """
+
+    policy: Literal["constant", "linear"] = "constant"
+    lr: float | None = Field(None, ge=0)
     until_train_error: float | None = Field(None, gt=0, le=100)  # percent
     iterations: int | None = Field(None, ge=1)  # a cap, or the whole warm-up if alone
+    epochs: float | None = Field(None, gt=0)  # linear only: the length in epochs
 
     @model_validator(mode="after")
     def _has_end(self) -> WarmupConfig:
-        if self.until_train_error is None and self.iterations is None:
-            raise ValueError("schedule.warmup needs until_train_error, iterations, or both")
+        if self.policy == "constant":
+            if self.lr is None:
+                raise ValueError("schedule.warmup with policy constant needs lr")
+            if self.epochs is not None:
+                raise ValueError("schedule.warmup.epochs is for policy linear; use iterations")
+            if self.until_train_error is None and self.iterations is None:
+                raise ValueError("schedule.warmup needs until_train_error, iterations, or both")
+        else:
+            if self.until_train_error is not None:
+                raise ValueError("schedule.warmup.until_train_error is for policy constant")
+            if (self.iterations is None) == (self.epochs is None):
+                raise ValueError("schedule.warmup with policy linear needs one of iterations, epochs")
         return self
 
 
 class ScheduleConfig(_Section):
-    policy: Literal["multistep", "constant"] = "multistep"
+    # multistep: lr * gamma^k after k milestones (in the unit of train.iterations/epochs).
+    # plateau: lr * gamma when the (all-reduced) test error has not improved by `threshold`
+    #   percentage points for more than `patience` evaluations (the paper's ImageNet recipe).
+    # cosine: from lr to min_lr over the training length (after a linear warm-up, if any).
+    policy: Literal["multistep", "constant", "plateau", "cosine"] = "multistep"
     milestones: list[int] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0)
+    patience: int = Field(2, ge=0)  # plateau: evaluations without improvement tolerated
+    threshold: float = Field(0.1, ge=0)  # plateau: improvement that counts, percentage points
+    min_lr: float = Field(0.0, ge=0)  # plateau: never below; cosine: the final lr
     warmup: WarmupConfig | None = None
 
     @field_validator("milestones")
@@ -109,8 +160,17 @@ class ScheduleConfig(_Section):
 
 
 class BNConfig(_Section):
-    # PyTorch's (and Torch7's) convention: the weight of the new batch in the running average.
+    # PyTorch's (and Torch7's) convention: the weight of the new batch in the running average,
+    # running = (1 - momentum) * running + momentum * batch. (Caffe's 0.999 is 1 - this.)
     momentum: float = Field(0.1, gt=0, le=1)
+    # dynamic: momentum 1/(1+n), n = batches already seen this epoch (gcr), so each epoch's
+    # running stats are the plain average over that epoch's batches.
+    policy: Literal["fixed", "dynamic"] = "fixed"
+    # >0: before every evaluation (so also after training) recompute the running mean and
+    # variance exactly over this many training iterations (N * train.batch_size images, all
+    # ranks together), as the released ImageNet models did ("precise BN").
+    precise_batches: int = Field(0, ge=0)
+    sync: bool = False  # SyncBatchNorm across DDP ranks (GPU only)
 
 
 class ScalingSection(_Section):
@@ -118,6 +178,26 @@ class ScalingSection(_Section):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
+    # Ray placement-group strategy for the worker bundles: PACK fills nodes first, SPREAD spreads
+    # them best-effort, STRICT_SPREAD puts every worker on a different node.
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # Exactly this many workers per node: each worker asks for 1/N of the custom resource
+    # `node_resource`, which every worker node declares as 1 (infra/aws/cluster.yaml does).
+    workers_per_node: int | None = Field(None, ge=1)
+    node_resource: str = "worker_node"
+
+    @model_validator(mode="after")
+    def _per_node(self) -> ScalingSection:
+        if self.workers_per_node is not None:
+            if self.workers % self.workers_per_node:
+                raise ValueError(
+                    f"scaling.workers {self.workers} is not a multiple of scaling.workers_per_node "
+                    f"{self.workers_per_node}"
+                )
+            if self.placement == "STRICT_SPREAD" and self.workers_per_node > 1:
+                raise ValueError("scaling.placement STRICT_SPREAD puts one worker per node; "
+                                 "drop scaling.workers_per_node or use PACK")
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -130,9 +210,9 @@ class FailureSection(_Section):
 
 
 class PrecisionConfig(_Section):
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    compile: bool = False
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler
+    channels_last: bool = False  # NHWC activations and weights (faster convs on tensor cores)
+    compile: bool = False  # torch.compile the model (inductor)
 
 
 class EvalConfig(_Section):
@@ -182,6 +262,14 @@ class JobConfig(_Section):
             )
         if self.precision.amp == "fp16" and not self.scaling.use_gpu:
             raise ValueError("precision.amp fp16 needs scaling.use_gpu: true; use bf16 on CPUs")
+        if self.bn.sync and not self.scaling.use_gpu:
+            raise ValueError(
+                "bn.sync (SyncBatchNorm) needs scaling.use_gpu: true; PyTorch's SyncBatchNorm "
+                "trains on GPUs only. Use bn.precise_batches for exact statistics on CPUs"
+            )
+        s = self.schedule
+        if s.policy == "plateau" and s.milestones:
+            raise ValueError("schedule.milestones are for policy multistep; plateau drops on the test error")
         return self
 
     @property

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_cluster.config import JobConfig
+from resnet_cluster.engine.bn import bn_layers, convert_sync_bn, precise_bn, set_bn_momentum
 from resnet_cluster.engine.checkpoint import capture_rng, restore_rng
 from resnet_cluster.engine.context import WorkerContext
 from resnet_cluster.errors import ConfigError
-from resnet_cluster.optim import LRSchedule, build_optimizer
+from resnet_cluster.optim import LRSchedule, build_optimizer, scaled_lr
 
 
 class Callback:
@@ -49,10 +50,19 @@ def build_model(cfg: JobConfig) -> nn.Module:
     from resnet_cluster import models
 
     model = models.build(cfg.model.arch, **model_options(cfg))
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = cfg.bn.momentum
+    # bn.policy dynamic is PyTorch's cumulative average (momentum None: 1/num_batches_tracked
+    # after the increment, i.e. 1/(1+n) with n batches seen before), with num_batches_tracked
+    # reset at every epoch start by fit. A buffer rather than a changing float attribute, so
+    # torch.compile does not recompile at every step.
+    set_bn_momentum(model, None if cfg.bn.policy == "dynamic" else cfg.bn.momentum)
     return model
+
+
+def reset_bn_epoch(model: nn.Module) -> None:
+    """Start a new epoch of the dynamic policy: n = 0 batches seen."""
+    for m in bn_layers(model):
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.zero_()
 
 
 def _autocast(cfg: JobConfig, device: torch.device):
@@ -157,43 +167,87 @@ def train_one_epoch(
     }
 
 
+def _forward(model: nn.Module, x: torch.Tensor, autocast, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast():
+        return model(x).float()
+
+
+def view_scores(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """The model's class scores for one test batch in any of the data contract's forms.
+
+    - ``x`` [B, 3, H, W]: one view; returns (logits [B, C], False).
+    - ``x`` [B, V, 3, H, W]: V views of each image (10-crop: 4 corners + centre and their
+      flips); returns (softmax averaged over the V views [B, C], True), as the paper does.
+    - ``x`` a list of [B, 3, Hs, Ws]: one fully-convolutional pass per scale (the global
+      average pool makes any size valid); returns (logits averaged over the scales [B, C],
+      False): the paper's multi-scale test averages the scores.
+
+    The bool says whether the result is already a probability (so the loss is -log p).
+    """
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("a multi-scale test batch needs at least one scale")
+        total = None
+        for xs in x:
+            s = _forward(model, xs, autocast, channels_last)
+            total = s if total is None else total + s
+        return total / len(x), False
+    if x.dim() == 5:
+        b, v = x.shape[:2]
+        logits = _forward(model, x.reshape(b * v, *x.shape[2:]), autocast, channels_last)
+        return logits.softmax(dim=1).view(b, v, -1).mean(dim=1), True
+    return _forward(model, x, autocast, channels_last), False
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor | Sequence[torch.Tensor], torch.Tensor]],
     ctx: WorkerContext,
     *,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Single-view test error over every image of ``batches`` on all ranks together."""
+    """Top-1/top-5 test error and mean loss over every image of ``batches`` on all ranks.
+
+    Each rank evaluates its own shard (the data side gives rank r a disjoint share, keeping the
+    last partial batch, so the shards cover the set exactly once) and one all-reduce of
+    [loss_sum, wrong1, wrong5, images] in float64 makes the totals exact whatever the set and
+    world sizes. Batches take any form of :func:`view_scores`; the loss is the cross-entropy of
+    the averaged scores (-log of the averaged softmax for multi-view batches). Pass the bare
+    model, not a DDP wrapper: ranks may run different numbers of batches here.
+    """
     model.eval()
     acc = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, wrong1, wrong5, n
     for x, y in batches:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        acc[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        scores, is_prob = view_scores(model, x, autocast=autocast, channels_last=channels_last)
+        k = min(5, scores.shape[1])
+        top = scores.topk(k, dim=1).indices
+        if is_prob:
+            loss = F.nll_loss(scores.clamp_min(1e-12).log(), y, reduction="sum")
+        else:
+            loss = F.cross_entropy(scores, y, reduction="sum")
+        acc[0] += loss.double()
         acc[1] += (top[:, 0] != y).sum()
         acc[2] += (~(top == y[:, None]).any(dim=1)).sum()
         acc[3] += y.shape[0]
     loss_sum, w1, w5, n = ctx.all_reduce_sum(acc).tolist()
+    n_img = int(n)
     n = max(n, 1)
     return {
         "test_loss": loss_sum / n,
         "top1_err": 100.0 * w1 / n,
         "top5_err": 100.0 * w5 / n,
-        "test_images": int(n),
+        "test_images": n_img,
     }
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DDP
 
 
 def fit(
@@ -215,11 +269,13 @@ def fit(
     ctx = ctx or WorkerContext()
     # The same seed on every rank gives the same initial weights (DDP also broadcasts them).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(ctx.device)
+    model = build_model(cfg)
+    if cfg.bn.sync and ctx.world_size > 1:
+        model = convert_sync_bn(model)  # before DDP wraps it (PyTorch's documented order)
+    model = model.to(ctx.device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    schedule = LRSchedule.from_config(cfg)
+    optimizer = build_optimizer(cfg.optim, model, lr=scaled_lr(cfg))
     train_batches, test_batches, data_info = build_loaders_for(cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     iters_per_epoch = len(train_batches)
     if iters_per_epoch == 0:
@@ -227,6 +283,7 @@ def fit(
             f"train.batch_size {cfg.train.batch_size} is larger than the training set "
             f"({data_info['num_train']} images): not one full batch per epoch. Lower the batch."
         )
+    schedule = LRSchedule.from_config(cfg, iters_per_epoch=iters_per_epoch)
     total_iters = cfg.train.iterations or cfg.train.epochs * iters_per_epoch
     total_epochs = math.ceil(total_iters / iters_per_epoch)
 
@@ -239,9 +296,11 @@ def fit(
         start_epoch, iteration = resume["epoch"], resume["iteration"]
         history = list(resume.get("history", []))
 
-    net = wrap_model(model) if wrap_model else model
     if cfg.precision.compile:
-        net = torch.compile(net)
+        # Compile the module in place (its __call__), so the bare model used for evaluation
+        # and precise BN is compiled too and state-dict keys keep their names.
+        model.compile()
+    net = wrap_model(model) if wrap_model else model
     scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp == "fp16" else None
 
     def autocast():
@@ -264,8 +323,22 @@ def fit(
         for cb in callbacks:
             cb.on_log(record)
 
+    def run_precise_bn(epoch: int) -> None:
+        # The first N batches of this epoch's training order (augmented, as in training).
+        train_batches.set_epoch(epoch)
+        precise_bn(
+            model,
+            train_batches,
+            ctx,
+            min(cfg.bn.precise_batches, iters_per_epoch),
+            autocast=autocast,
+            channels_last=cfg.precision.channels_last,
+        )
+
     for epoch in range(start_epoch, total_epochs):
         train_batches.set_epoch(epoch)
+        if cfg.bn.policy == "dynamic":
+            reset_bn_epoch(model)
         t0 = time.time()
         metrics = train_one_epoch(
             net,
@@ -285,15 +358,21 @@ def fit(
         iteration = metrics["iteration"]
         record = {"epoch": epoch, **metrics}
         if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == total_epochs:
+            if cfg.bn.precise_batches:
+                run_precise_bn(epoch)
+            # The bare model: DDP's forward would broadcast buffers, a collective, and ranks may
+            # hold different numbers of test batches.
             record.update(
-                evaluate(net, test_batches, ctx, autocast=autocast, channels_last=cfg.precision.channels_last)
+                evaluate(model, test_batches, ctx, autocast=autocast, channels_last=cfg.precision.channels_last)
             )
+            if schedule.observe_test_error(record["top1_err"]):
+                record["lr_dropped"] = 1
         record["epoch_time_s"] = time.time() - t0
         history.append({k: record[k] for k in ("epoch", "iteration", "top1_err") if k in record})
 
         def state(epoch=epoch, iteration=iteration) -> dict[str, Any]:
             return {
-                "model": _unwrap(net).state_dict(),
+                "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "rng": capture_rng(),
@@ -315,5 +394,5 @@ def fit(
         "best_epoch": min(evaluated, key=lambda h: h["top1_err"])["epoch"] if evaluated else None,
     }
     for cb in callbacks:
-        cb.on_finish(summary, _unwrap(net))
+        cb.on_finish(summary, model)
     return summary

@@ -1,23 +1,138 @@
-"""Solvers built from ``JobConfig.optim``."""
+"""Solvers built from ``JobConfig.optim``: SGD in three momentum conventions, and the adaptive
+solvers of gcr/torch-residual-networks' solver study (REFERENCE.md §4).
+
+The lr set here is the schedule's starting point only: :class:`~resnet_cluster.optim.LRSchedule`
+writes ``group["lr"]`` before every step.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from resnet_cluster.config import OptimConfig
 
+# Torch7 optim defaults (what gcr ran): rmsprop epsilon 1e-8, adagrad 1e-10, adadelta 1e-6.
+DEFAULT_EPS = {"rmsprop": 1e-8, "adagrad": 1e-10, "adadelta": 1e-6}
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum and L2 weight decay on every parameter, as in the paper (Section 3.4:
-    weight decay 1e-4, momentum 0.9). PyTorch's momentum convention: v = m*v + g, w -= lr*v.
-    The lr set here is a placeholder: :class:`LRSchedule` sets it before every step."""
+
+class MomentumSGD(torch.optim.Optimizer):
+    """SGD with L2 weight decay and momentum in the convention of PyTorch, Caffe or Torch7.
+
+    With ``d = g + weight_decay * w`` (the decay is part of the gradient in all three):
+
+    - ``pytorch``: ``v = m*v + d`` (``v = d`` on the first step), ``w -= lr*v``
+    - ``caffe``:   ``v = m*v + lr*d`` (``v = 0`` before the first step), ``w -= v``
+    - ``torch7``:  ``v = m*v + (1-m)*d`` (``v = d`` on the first step, as Torch7's
+      optim.sgd with ``dampening = momentum``), ``w -= lr*v``
+
+    Nesterov (pytorch, caffe): the step uses ``d + m*v`` (pytorch, times lr) or ``lr*d + m*v``
+    (caffe) instead of ``v``. The conventions agree while lr is constant (caffe's v is lr times
+    pytorch's) and differ at every lr change: caffe's buffer still carries the old lr, so after
+    a /10 drop the first steps are larger than pytorch's. The momentum buffer is
+    ``state[p]["momentum_buffer"]``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        style: str = "pytorch",
+        nesterov: bool = False,
+    ) -> None:
+        if style not in ("pytorch", "caffe", "torch7"):
+            raise ValueError(f"momentum style {style!r}: choose pytorch, caffe or torch7")
+        if nesterov and (momentum <= 0 or style == "torch7"):
+            raise ValueError("nesterov needs momentum > 0 and style pytorch or caffe")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, style=style, nesterov=nesterov)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            style, nesterov = group["style"], group["nesterov"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if wd:
+                    d = d.add(p, alpha=wd)
+                if m == 0:
+                    p.add_(d, alpha=-lr)
+                    continue
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if style == "caffe":
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.zeros_like(p)
+                    buf.mul_(m).add_(d, alpha=lr)
+                    step = buf if not nesterov else d.mul(lr).add_(buf, alpha=m)
+                    p.sub_(step)
+                    continue
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.detach().clone()
+                else:
+                    buf.mul_(m).add_(d, alpha=(1.0 - m) if style == "torch7" else 1.0)
+                step = buf if not nesterov else d.add(buf, alpha=m)
+                p.add_(step, alpha=-lr)
+        return loss
+
+
+def _no_decay(name: str, param: nn.Parameter, owner: nn.Module) -> bool:
+    return isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) or (
+        name.endswith("bias")
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_bn_and_bias: bool) -> list[dict]:
+    """One group with every parameter, or two: decayed (conv/fc weights) and not decayed (BN
+    gamma and beta, and every bias) when ``decay_bn_and_bias`` is false."""
+    if decay_bn_and_bias or weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if _no_decay(name, p, module) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """The solver ``cfg.solver`` over ``model``'s parameters (``lr`` overrides ``cfg.lr``, e.g.
+    after the linear scaling rule).
+
+    ``sgd`` with ``momentum_style: pytorch`` (the default) is ``torch.optim.SGD`` itself (its
+    fused/foreach kernels, identical updates); ``caffe`` and ``torch7`` are :class:`MomentumSGD`.
+    ``rmsprop``, ``adagrad`` and ``adadelta`` are PyTorch's, whose updates equal Torch7's optim
+    package that gcr ran: rmsprop ``ms = a*ms + (1-a)*g^2, w -= lr*g/(sqrt(ms)+eps)``; adagrad
+    ``s += g^2, w -= lr*g/(sqrt(s)+eps)``; adadelta (Zeiler) with ``rho`` and ``eps``.
+    """
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_and_bias)
+    eps = cfg.eps if cfg.eps is not None else DEFAULT_EPS.get(cfg.solver)
     if cfg.solver == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-        )
+        if cfg.momentum_style == "pytorch":
+            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return MomentumSGD(groups, lr=lr, momentum=cfg.momentum, style=cfg.momentum_style, nesterov=cfg.nesterov)
+    if cfg.solver == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=cfg.alpha, eps=eps)
+    if cfg.solver == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr, eps=eps)
+    if cfg.solver == "adadelta":
+        return torch.optim.Adadelta(groups, lr=lr, rho=cfg.rho, eps=eps)
     raise AssertionError(f"unhandled solver {cfg.solver}")  # the config refuses others
