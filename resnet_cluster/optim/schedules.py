@@ -133,7 +133,9 @@ class LRSchedule:
             self.best_err, self.bad_evals = err_percent, 0
             return False
         self.bad_evals += 1
-        if self.bad_evals > self.patience and self.base_lr * self.gamma**self.drops > self.min_lr:
+        # (1 + 1e-9): 0.1 * 0.1**2 is 0.0010000000000000002 in floats, already at min_lr 0.001
+        at_floor = self.base_lr * self.gamma**self.drops <= self.min_lr * (1 + 1e-9)
+        if self.bad_evals > self.patience and not at_floor:
             self.drops += 1
             self.bad_evals = 0
             return True
