@@ -37,20 +37,36 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     arch: str = "cifar_resnet20"
     # Section 3.3: A = zero-padding identity (the paper's CIFAR choice), B = projection only
-    # where the shape changes, C = projections everywhere.
+    # where the shape changes, C = projections everywhere. Bottleneck nets take B or C.
     shortcut: Literal["A", "B", "C"] = "A"
-    block: str = "standard"
+    # null = the net's own block: standard (the paper's) or, for the *preact* names, preact.
+    # no_relu / bn_after_add / bn_after_add_no_relu: gcr/torch-residual-networks' variants.
+    block: Literal["standard", "no_relu", "bn_after_add", "bn_after_add_no_relu", "preact"] | None = None
     zero_init_residual: bool = False
+    # Where a bottleneck puts stride 2: v1 = first 1x1 (the paper), v1.5 = the 3x3
+    # (torchvision, fb.resnet.torch). null = the net's default (v1; v1.5 for preact_resnet200).
+    bottleneck_stride: Literal["v1", "v1.5"] | None = None
+    num_classes: int | None = Field(None, ge=1)  # null = 10 on CIFAR, 1000 on ImageNet
 
 
 class DataConfig(_Section):
-    dataset: Literal["cifar10", "synthetic"] = "cifar10"
+    dataset: Literal["cifar10", "synthetic", "imagenet"] = "cifar10"
     root: str = "./data/cifar10"
-    # paper: pad 4, random 32x32 crop, random horizontal flip (Section 4.2).
-    augment: Literal["paper", "none"] = "paper"
+    # paper: CIFAR pad 4, random 32x32 crop, flip (Section 4.2); ImageNet shorter side in
+    # [256, 480], random 224 crop, flip, mean subtraction, PCA lighting (Section 3.4).
+    # inception (ImageNet only): random-resized crop, area 8-100%, ratio 3/4-4/3, flip.
+    augment: Literal["paper", "inception", "none"] = "paper"
     # Sizes of the generated set when dataset is synthetic (CIFAR-shaped, learnable).
     synthetic_train: int = Field(2560, ge=1)
     synthetic_test: int = Field(512, ge=1)
+    # ImageNet shards only: DataLoader worker processes per rank (0 = decode in the training
+    # process), batches each worker prepares ahead, shards mixed per shuffle window, whether each
+    # shard's sha256 is checked as it is read, and AlexNet PCA lighting std (0 = off).
+    loader_workers: int = Field(4, ge=0)
+    prefetch_batches: int = Field(2, ge=1)
+    shuffle_shards: int = Field(2, ge=1)
+    verify_shards: bool = True
+    lighting_std: float = Field(0.1, ge=0)
 
 
 class TrainConfig(_Section):
@@ -224,6 +240,22 @@ class EvalConfig(_Section):
 
 class ArtifactsConfig(_Section):
     store: str = Field(default_factory=default_store)
+    # S3-compatible endpoint (MinIO, Ceph, ...) for an s3:// store; None = $RESNET_CLUSTER_STORE_ENDPOINT,
+    # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS itself. Credentials never go here.
+    endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("RESNET_CLUSTER_STORE_ENDPOINT") or None
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://minio.local:9000")
+        if "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("must not hold credentials; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return v
 
 
 class JobConfig(_Section):

@@ -355,7 +355,17 @@ def build_loaders_for(
     """The loop's entry point: this rank's (train, test, info) for a JobConfig.
 
     The training loop calls only this, so the data package decides which job keys it reads.
+    ``data.dataset: imagenet`` streams shards (:mod:`resnet_cluster.data.streaming`).
     """
+    if cfg.data.dataset == "imagenet":
+        from resnet_cluster.data.streaming import build_imagenet_loaders
+
+        return build_imagenet_loaders(cfg, rank=rank, world_size=world_size, device=device)
+    if cfg.data.augment == "inception":
+        raise DataError(
+            "data.augment inception is the ImageNet random-resized crop; CIFAR-10 and synthetic "
+            "data use paper (pad 4, random crop, flip) or none."
+        )
     if cfg.data.dataset in ("cifar10", "synthetic") and cfg.eval.protocol != "1crop":
         raise DataError(
             f"eval.protocol {cfg.eval.protocol!r} needs ImageNet-sized images; CIFAR is tested on "
