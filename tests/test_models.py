@@ -139,12 +139,12 @@ def test_register_and_build_a_new_name() -> None:
     name = "test_only_identity"
     try:
 
-        @models.register(name, dataset="cifar10", depth=0, family="zz_test")
+        @models.register(name, dataset="zz_test", depth=0, family="zz_test")
         def _identity() -> nn.Module:
             return nn.Identity()
 
         assert isinstance(models.build(name), nn.Identity)
-        assert models.available()[-1] == models.ModelInfo(name, "cifar10", 0, "zz_test")
+        assert models.available()[-1] == models.ModelInfo(name, "zz_test", 0, "zz_test")
     finally:
         registry._BUILDERS.pop(name, None)
         registry._INFO.pop(name, None)
@@ -164,7 +164,7 @@ def test_unknown_name_is_config_error_listing_names() -> None:
 @pytest.mark.parametrize(
     ("option", "value", "field", "allowed"),
     [
-        ("shortcut", "Z", "model.shortcut", "'A', 'B'"),
+        ("shortcut", "Z", "model.shortcut", "'A', 'B', 'C'"),
         ("block", "foo", "model.block", "'standard'"),
     ],
 )
@@ -189,13 +189,18 @@ def test_zero_init_residual_on_plain_net_refused() -> None:
         models.build("cifar_plain20", zero_init_residual=True)
 
 
-def test_available_sorted_by_family_then_depth() -> None:
+def test_available_sorted_by_dataset_family_then_depth() -> None:
     infos = models.available()
-    assert infos == sorted(infos, key=lambda i: (i.family, i.depth))
+    assert infos == sorted(infos, key=lambda i: (i.dataset, i.family, i.depth))
     names = [i.name for i in infos]
     assert names[:5] == [f"cifar_plain{d}" for d in (20, 32, 44, 56, 110)]
-    assert names[5:11] == [f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 1202)]
-    info = infos[5]
+    assert names[5:7] == ["cifar_preact_resnet164", "cifar_preact_resnet1001"]
+    assert names[7:13] == [f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 1202)]
+    assert names[13:] == [
+        "plain18", "plain34", "preact_resnet200",
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
+    ]  # fmt: skip
+    info = infos[7]
     assert (info.dataset, info.depth, info.family) == ("cifar10", 20, "resnet")
     with pytest.raises(AttributeError):
         info.depth = 3  # type: ignore[misc]  # frozen

@@ -26,29 +26,47 @@ class ModelInfo:
     name: str
     dataset: str  # "cifar10" or "imagenet": the input size and class count it is built for
     depth: int  # weighted layers as the paper counts them (6n+2 on CIFAR)
-    family: str  # "resnet", "plain", ...
+    family: str  # "resnet", "plain", "preact"
+    block: str = "basic"  # "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the native square input: 32 on CIFAR, 224 on ImageNet (Section 3.4)."""
+        return 224 if self.dataset == "imagenet" else 32
 
 
 _BUILDERS: dict[str, Builder] = {}
 _INFO: dict[str, ModelInfo] = {}
 
 
-def register(name: str, *, dataset: str, depth: int, family: str) -> Callable[[Builder], Builder]:
+def register(
+    name: str, *, dataset: str, depth: int, family: str, block: str = "basic"
+) -> Callable[[Builder], Builder]:
     """Decorator: register ``fn`` under ``name``. Registering a name twice raises ValueError."""
 
     def decorator(fn: Builder) -> Builder:
         if name in _BUILDERS:
             raise ValueError(f"model {name!r} is already registered")
         _BUILDERS[name] = fn
-        _INFO[name] = ModelInfo(name=name, dataset=dataset, depth=depth, family=family)
+        _INFO[name] = ModelInfo(
+            name=name, dataset=dataset, depth=depth, family=family, block=block
+        )
         return fn
 
     return decorator
 
 
 def available() -> list[ModelInfo]:
-    """All registered models, sorted by family, then depth (then dataset and name)."""
-    return sorted(_INFO.values(), key=lambda i: (i.family, i.depth, i.dataset, i.name))
+    """All registered models, sorted by dataset, family, then depth (then name)."""
+    return sorted(_INFO.values(), key=lambda i: (i.dataset, i.family, i.depth, i.name))
+
+
+def info(name: str) -> ModelInfo:
+    """The :class:`ModelInfo` of ``name``; ConfigError if it is not registered."""
+    if name not in _INFO:
+        names = ", ".join(i.name for i in available())
+        raise ConfigError(f"unknown model {name!r}: model.arch must be one of {names}.")
+    return _INFO[name]
 
 
 def build(name: str, **options: object) -> nn.Module:
