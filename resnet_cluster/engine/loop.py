@@ -171,7 +171,9 @@ def _forward(model: nn.Module, x: torch.Tensor, autocast, channels_last: bool) -
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast():
-        return model(x).float()
+        out = model(x)
+    # bf16/fp16 logits from autocast are summed and soft-maxed in float32
+    return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
 def view_scores(
