@@ -38,3 +38,55 @@ def prepare_cifar10(
     table.add_row("bytes", f"{summary.get('total_bytes', 0):,}")
     console.print(table)
     console.print(f"Jobs read it with [bold]data.root: {summary['dest']}[/]")
+
+
+@prepare_app.command("imagenet")
+def prepare_imagenet(
+    train: str = typer.Option(..., help="The ILSVRC2012 train/ folder: train/<wnid>/*.JPEG."),
+    val: str = typer.Option(..., help="The val/ folder: flat, or sorted into <wnid>/ folders."),
+    dest: str = typer.Option(..., help="Where jobs read it (data.root): a folder or fsspec URI such as s3://bucket/imagenet."),
+    val_labels: Optional[str] = typer.Option(
+        None, help="Labels of a flat val/: LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt (with --synsets). Default: LOC_val_solution.csv next to val/ if there."
+    ),
+    synsets: Optional[str] = typer.Option(None, help="With the ground-truth .txt: the wnid of ILSVRC2012_ID 1, 2, ... one per line."),
+    max_side: int = typer.Option(480, help="Re-encode images whose shorter side is larger to this many pixels (480: the top of the paper's scale range)."),
+    quality: int = typer.Option(90, help="JPEG quality of re-encoded images."),
+    shard_images: int = typer.Option(512, help="Images per shard (the unit a reader fetches in one request)."),
+    workers: int = typer.Option(1, help="Processes encoding shards in parallel."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a progress bar and table."),
+) -> None:
+    """Write ILSVRC2012-layout folders as Parquet shards plus manifest.json (resumable: re-run the same command)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from resnet_cluster.data.imagenet import prepare_imagenet as prepare
+
+    kwargs = dict(val_labels=val_labels, synsets=synsets, max_side=max_side, quality=quality,
+                  shard_images=shard_images, workers=workers)
+    if json_out:
+        print_json(prepare(train, val, dest, **kwargs))
+        return
+    with Progress(TextColumn("[bold]preparing[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("images, {task.fields[shards]} shards"), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("prepare", total=None, shards="0")
+
+        def progress(ev: dict) -> None:
+            bar.update(task, total=ev["images_total"], completed=ev["images_done"],
+                       shards=f"{ev['shards_done']}/{ev['shards_total']} ({ev['reused']} reused)")
+
+        summary = prepare(train, val, dest, progress=progress, **kwargs)
+    table = Table(title=f"ImageNet prepared at {summary['dest']}", show_header=False)
+    if summary.get("already_prepared"):
+        table.title += " (already complete; nothing written)"
+    table.add_row("training images", f"{summary['train_images']:,}")
+    table.add_row("validation images", f"{summary['val_images']:,}")
+    table.add_row("classes", str(summary["classes"]))
+    table.add_row("shards", f"{summary['shards']} ({summary.get('reused_shards', 0)} reused)")
+    table.add_row("bytes", f"{summary['bytes']:,}")
+    table.add_row("skipped files", str(len(summary["skipped"])))
+    console.print(table)
+    for s in summary["skipped"][:20]:
+        console.print(f"  skipped {s['path']}: {s['error']}", markup=False)
+    if len(summary["skipped"]) > 20:
+        console.print(f"  ... and {len(summary['skipped']) - 20} more (all listed in manifest.json)")
+    console.print(f"Jobs read it with [bold]data.dataset: imagenet[/] and [bold]data.root: {summary['dest']}[/]")
