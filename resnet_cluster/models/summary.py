@@ -94,6 +94,17 @@ def _describe_block(block: nn.Module) -> str:
     return "[" + "; ".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}, {c.out_channels}" for c in branch) + "]"
 
 
+def _options(net: nn.Module, block_kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The resolved model.* options under their job-file names."""
+    o = getattr(net, "options", None)
+    if o is None:
+        return dict(given)
+    out = {"shortcut": o.shortcut, "block": o.block}
+    if block_kind == "bottleneck":
+        out["bottleneck_stride"] = o.stride_at
+    return {**out, "num_classes": o.num_classes, "zero_init_residual": o.zero_init_residual}
+
+
 def stage_table(name: str, **options: Any) -> dict[str, Any]:
     """The net laid out like the paper's Table 1: one row per stage, plus totals.
 
@@ -146,7 +157,7 @@ def stage_table(name: str, **options: Any) -> dict[str, Any]:
         "name": name,
         "dataset": meta.dataset,
         "depth": meta.depth,
-        "options": dict(net.options.__dict__) if hasattr(net, "options") else dict(options),
+        "options": _options(net, meta.block, options),
         "rows": rows,
         "parameters": sum(p.numel() for p in net.parameters()),
         "multiply_adds": count_macs(name, **options),
