@@ -228,7 +228,23 @@ class FailureSection(_Section):
 class PrecisionConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler
     channels_last: bool = False  # NHWC activations and weights (faster convs on tensor cores)
-    compile: bool = False  # torch.compile the model (inductor)
+    compile: bool = False  # torch.compile the model
+    # torch.compile backend: inductor (fast kernels; minutes to compile on a CPU), or e.g.
+    # aot_eager / eager to check that a model traces without generating code
+    compile_backend: str = "inductor"
+
+    @model_validator(mode="after")
+    def _known_backend(self) -> PrecisionConfig:
+        if self.compile and self.compile_backend != "inductor":
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                raise ValueError(
+                    f"precision.compile_backend {self.compile_backend!r} is not a torch.compile "
+                    f"backend here; choose one of {', '.join(sorted(known))}"
+                )
+        return self
 
 
 class EvalConfig(_Section):

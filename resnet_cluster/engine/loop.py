@@ -301,7 +301,7 @@ def fit(
     if cfg.precision.compile:
         # Compile the module in place (its __call__), so the bare model used for evaluation
         # and precise BN is compiled too and state-dict keys keep their names.
-        model.compile()
+        model.compile(backend=cfg.precision.compile_backend)
     net = wrap_model(model) if wrap_model else model
     scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp == "fp16" else None
 
