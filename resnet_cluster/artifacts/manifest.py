@@ -43,8 +43,27 @@ def write_manifest(store: ArtifactStore, run_id: str) -> dict[str, Any]:
         size, digest = file_digest(store, run_id, relpath)
         files.append({"path": relpath, "size": size, "sha256": digest})
     manifest = {"run_id": run_id, "created": utc_now(), "files": files}
-    store.write_json(run_id, layout.MANIFEST, manifest)
+    # Create-only: a finished run's manifest is never replaced (a second finisher fails).
+    store.write_json(run_id, layout.MANIFEST, manifest, exclusive=True)
     return manifest
+
+
+def read_manifest(store: ArtifactStore, run_id: str) -> dict[str, dict[str, Any]]:
+    """``{relpath: {"path", "size", "sha256"}}`` from manifest.json, or a StoreError saying the
+    run is not finished / the manifest is damaged."""
+    if not store.exists(run_id, layout.MANIFEST):
+        raise StoreError(
+            f"Run {run_id} has no {layout.MANIFEST} at {store.uri(run_id, layout.MANIFEST)}: it is "
+            f"still running, or it stopped before it finished, so its files cannot be verified. "
+            f"Wait for it to finish, or resume it with `resnet-cluster submit <job> --name {run_id}`."
+        )
+    manifest = store.read_json(run_id, layout.MANIFEST)
+    try:
+        return {e["path"]: e for e in manifest["files"]}
+    except (KeyError, TypeError):
+        raise StoreError(
+            f"{store.uri(run_id, layout.MANIFEST)} is malformed (no 'files' list of path/size/sha256)."
+        ) from None
 
 
 def verify_manifest(store: ArtifactStore, run_id: str) -> list[str]:

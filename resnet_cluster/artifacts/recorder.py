@@ -68,7 +68,13 @@ class RunRecorder(Callback):
         csv_interval_s: float = 5.0,
     ):
         self.cfg = cfg
-        self.store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
+        # On a worker the store arrives as its root URI; the job's endpoint_url goes with it
+        # (credentials come from the worker's own environment or instance role).
+        self.store = (
+            store
+            if isinstance(store, ArtifactStore)
+            else ArtifactStore(store, endpoint_url=cfg.artifacts.endpoint_url)
+        )
         self.run_id = run_id
         self.workers = workers or []
         self.submission = submission

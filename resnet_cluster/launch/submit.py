@@ -126,7 +126,10 @@ def submit(
 
     Raises UserError subclasses for anything the user can fix, RunFailed when training fails.
     """
-    store = ArtifactStore(cfg.artifacts.store)
+    store = ArtifactStore.from_config(cfg.artifacts)
+    # Endpoint, credentials and bucket are checked before Ray starts: one clear StoreError
+    # naming the store, in seconds, instead of a botocore traceback from a worker later.
+    store.check()
     run_id = run_id or new_run_id(cfg.name)
     check_dataset(cfg)
     resuming = prepare_run(cfg, store, run_id, source_dir=source_dir)

@@ -32,14 +32,17 @@ def ray_storage(store: ArtifactStore, run_id: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) that put Ray Train's checkpoints in the run folder.
 
     A local store is a plain path. Any other fsspec store (s3:// through s3fs) goes through
-    pyarrow's FSSpecHandler, so Ray uses exactly the endpoint and credentials the store uses.
+    pyarrow's FSSpecHandler, so Ray uses exactly the endpoint the store uses (credentials come
+    from each node's environment or instance role, never from the job), and checkpoints live
+    in the run prefix, where a cluster without a shared disk resumes them from. Each file Ray
+    writes there is uploaded whole (multipart, aborted on failure), not streamed.
     """
     if store.is_local:
         return store.run_uri(run_id), None
-    import pyarrow.fs
+    from resnet_cluster.artifacts.store import pyarrow_filesystem
 
     path = store.fs._strip_protocol(store.run_uri(run_id))
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
+    return path, pyarrow_filesystem(store)
 
 
 def build_trainer(

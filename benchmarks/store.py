@@ -1,0 +1,155 @@
+"""Checkpoint upload/download MB/s through ArtifactStore vs `aws s3 cp`, same S3 endpoint, same run.
+
+A moto S3 server is started as its own process on 127.0.0.1 (so neither client shares its GIL),
+a file of random bytes (default 200 MB, the size of a large checkpoint) is created once, and the
+two clients alternate: aws up, ours up, aws down, ours down, then the reverse order, for
+``--reps`` rounds. Each figure is the median over rounds; the ratio is ours / awscli of the
+medians. Downloads are checked byte-for-byte (sha256) each time.
+
+    python benchmarks/store.py [--mb 200] [--reps 3]
+
+Needs the `aws` command (awscli) and moto's server (`pip install -e ".[dev]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=200, help="file size in MB (10^6 bytes)")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if shutil.which("aws") is None:
+        sys.exit("the `aws` command (awscli) is needed for the baseline: pip install awscli")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    moto_bin = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    server = subprocess.Popen(
+        [moto_bin if os.path.exists(moto_bin) else "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    work = tempfile.mkdtemp(prefix="bench-store-")
+    env = dict(os.environ)
+    env.update(
+        AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )  # fmt: skip
+    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")})  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except Exception:
+                time.sleep(0.1)
+        subprocess.run(["aws", "s3", "mb", "s3://bench", "--endpoint-url", url], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+
+        from resnet_cluster.artifacts.store import ArtifactStore
+
+        store = ArtifactStore("s3://bench/ours")
+        src = os.path.join(work, "train_state.pt")
+        size = args.mb * 10**6
+        with open(src, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 1 << 24)
+                f.write(os.urandom(n))
+                left -= n
+        digest = sha256(src)
+        mb = size / 1e6
+
+        def aws_up() -> float:
+            t = time.perf_counter()
+            subprocess.run(["aws", "s3", "cp", "--only-show-errors", src, "s3://bench/aws/train_state.pt",
+                            "--endpoint-url", url], env=env, check=True)  # fmt: skip
+            return mb / (time.perf_counter() - t)
+
+        def aws_down() -> float:
+            dst = os.path.join(work, "aws-down.pt")
+            t = time.perf_counter()
+            subprocess.run(["aws", "s3", "cp", "--only-show-errors", "s3://bench/aws/train_state.pt", dst,
+                            "--endpoint-url", url], env=env, check=True)  # fmt: skip
+            rate = mb / (time.perf_counter() - t)
+            assert sha256(dst) == digest
+            os.unlink(dst)
+            return rate
+
+        def ours_up() -> float:
+            t = time.perf_counter()
+            store.put_file("bench-run", src, "checkpoints/train_state.pt")
+            return mb / (time.perf_counter() - t)
+
+        def ours_down() -> float:
+            dst = os.path.join(work, "ours-down.pt")
+            t = time.perf_counter()
+            store.download("bench-run", "checkpoints/train_state.pt", dst)
+            rate = mb / (time.perf_counter() - t)
+            assert sha256(dst) == digest
+            os.unlink(dst)
+            return rate
+
+        rates: dict[str, list[float]] = {"aws_up": [], "ours_up": [], "aws_down": [], "ours_down": []}
+        loads = [load()]
+        for rep in range(args.reps):
+            order = [("aws_up", aws_up), ("ours_up", ours_up), ("aws_down", aws_down), ("ours_down", ours_down)]
+            if rep % 2:  # alternate who goes first, so drift does not favour one client
+                order = [order[1], order[0], order[3], order[2]]
+            for name, fn in order:
+                rates[name].append(fn())
+            loads.append(load())
+            print(f"round {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        result = {
+            "mb": mb,
+            "reps": args.reps,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "load_avg_1_5_15": loads,
+            "median_MBps": {k: round(v, 1) for k, v in med.items()},
+            "all_MBps": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+            "ratio_upload": round(med["ours_up"] / med["aws_up"], 3),
+            "ratio_download": round(med["ours_down"] / med["aws_down"], 3),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
