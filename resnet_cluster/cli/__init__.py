@@ -24,6 +24,7 @@ def _register() -> None:
     app.add_typer(runs.app, name="runs")
     app.add_typer(data.app, name="data")
     app.add_typer(models.app, name="models")
+    from resnet_cluster.cli import eval as eval_cli; app.command("eval")(eval_cli.eval_command)  # noqa: E702
 
 
 _register()
