@@ -335,6 +335,10 @@ def test_ray_storage_filesystem_pickles_and_uploads_whole_files(bucket, tmp_path
     assert store.read_bytes("r1", "checkpoints/epoch_00001/train_state.pt") == state
     info = remote.get_file_info(f"{path}/checkpoints/epoch_00001/train_state.pt")
     assert info.size == len(state)
+    # Ray's storage validation writes a marker file through a `with` block
+    with remote.open_output_stream(f"{path}/.validate_storage_marker") as f:
+        f.write(b"ok")
+    assert store.read_bytes("r1", ".validate_storage_marker") == b"ok"
     assert _uploads(store, bucket) == []
 
 

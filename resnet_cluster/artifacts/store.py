@@ -719,7 +719,7 @@ class _UploadOnClose(io.RawIOBase):
         return self._file.tell()
 
     def flush(self) -> None:
-        if not self.closed:
+        if not self._file.closed:  # RawIOBase.close() flushes after our close() ran
             self._file.flush()
 
     def close(self) -> None:
