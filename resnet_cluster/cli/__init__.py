@@ -18,13 +18,16 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from resnet_cluster.cli import data, models, runs, submit
+    from resnet_cluster.cli import control, data, models, runs, submit
 
     app.command("submit")(submit.submit)
+    app.command("status")(control.status)
+    app.command("stop")(control.stop)
     app.add_typer(runs.app, name="runs")
     app.add_typer(data.app, name="data")
     app.add_typer(models.app, name="models")
     from resnet_cluster.cli import eval as eval_cli; app.command("eval")(eval_cli.eval_command)  # noqa: E702
+    from resnet_cluster.cli import analyze; app.add_typer(analyze.app, name="analyze")  # noqa: E702
 
 
 _register()

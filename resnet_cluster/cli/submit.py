@@ -105,8 +105,17 @@ def submit(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved job and the scaling plan; start nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of the live display."),
+    follow: bool = typer.Option(
+        False, "--follow", help="With a Jobs API address: stream the job's logs until it ends (Ctrl-C stops following)."
+    ),
+    local: bool = typer.Option(
+        False, "--local", help="Run the driver in this process even if RAY_ADDRESS is a Jobs API URL (used on the cluster)."
+    ),
 ) -> None:
-    """Train a job with Ray Train (DDP over scaling.workers) and store the run's artifacts."""
+    """Train a job with Ray Train (DDP over scaling.workers) and store the run's artifacts.
+
+    With --address http://HEAD:8265 (or RAY_ADDRESS) the job goes to that cluster through the
+    Ray Jobs API and this command returns once it is submitted (or, with --follow, ended)."""
     from resnet_cluster import config
     from resnet_cluster.launch.submit import RunFailed
     from resnet_cluster.launch.submit import submit as run_submit
@@ -136,6 +145,16 @@ def submit(
         console.print(t)
         return
 
+    from resnet_cluster.launch import remote
+    from resnet_cluster.launch.cluster import resolve_address
+
+    target = resolve_address(address)
+    if remote.is_jobs_address(target) and not local:
+        _submit_remote(target, job, cfg, name, overrides, json_out, follow)
+        return
+    if local and remote.is_jobs_address(target):
+        target = None  # on the cluster: Ray sets RAY_ADDRESS for the job's driver; else start locally
+    address = target
     try:
         if json_out:
             result = run_submit(cfg, run_id=name, address=address, source_dir=os.getcwd())
@@ -153,3 +172,30 @@ def submit(
                 highlight=False,
             )
         sys.exit(130 if e.status == "stopped" else 1)
+
+
+def _submit_remote(address: str, job: str, cfg, name: str | None, overrides: list[str], json_out: bool, follow: bool) -> None:
+    from resnet_cluster.launch import remote
+    from resnet_cluster.launch.submit import new_run_id
+
+    run_id = name or new_run_id(cfg.name)
+    info = remote.submit_remote(address, job, run_id=run_id, overrides=overrides, cwd=os.getcwd())
+    if not json_out:
+        console.print(
+            f"submitted Ray job [bold]{info['job_id']}[/] for run [bold]{run_id}[/]\n"
+            f"dashboard: {info['dashboard']}\n"
+            f"follow:    resnet-cluster status {run_id} --address {address}   "
+            f"(stop: resnet-cluster stop {run_id} --address {address})",
+            highlight=False,
+        )
+    if follow:
+        try:
+            status = remote.follow(address, info["job_id"], lambda line: err_console.print(escape(line), highlight=False))
+        except KeyboardInterrupt:
+            err_console.print(f"stopped following; Ray job {info['job_id']} keeps running.")
+            status = "RUNNING"
+        info["status"] = status
+    if json_out:
+        print_json(info)
+    if follow and info.get("status") in ("FAILED", "STOPPED"):
+        sys.exit(1)

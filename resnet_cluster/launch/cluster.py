@@ -27,9 +27,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[
     address = resolve_address(address)
     if address and address.startswith(("http://", "https://")):
         raise ClusterError(
-            f"--address {address} is a dashboard (Ray Jobs) URL; submission through the Ray Jobs "
-            "API is not available yet. Give the cluster's GCS address instead (HOST:6379, as "
-            "printed by `ray start --head`), or leave --address out to run on a local cluster."
+            f"{address} is a Ray Jobs API (dashboard) URL, which submits through the Jobs API; a "
+            "driver in this process needs the cluster's GCS address instead (HOST:6379, as "
+            "printed by `ray start --head`), or no address to start a local cluster."
         )
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {

@@ -71,16 +71,28 @@ def check_dataset(cfg: JobConfig) -> None:
 
 
 def _check_resources(cfg: JobConfig, info: dict[str, Any]) -> None:
+    """Refuse a job the local cluster can never run (Ray would wait for resources forever).
+
+    Only for the local cluster this process started: a remote cluster may autoscale (the AWS
+    config starts with no GPU nodes), so there Ray Train waits for the autoscaler instead.
+    """
+    if not info["local"]:
+        return
     need = scaling_plan(cfg)["total_resources"]
     have = info["resources"]
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v - 1e-9}
     if short:
         detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
-        hint = (
-            "Lower scaling.workers or scaling.cpus_per_worker (or use --workers N)"
-            if "GPU" not in short
-            else "Set scaling.use_gpu: false to train on CPUs"
-        )
+        if "GPU" in short:
+            hint = "Set scaling.use_gpu: false to train on CPUs"
+        elif set(short) - {"CPU"}:
+            hint = (
+                f"Every worker node must declare the custom resource "
+                f"(ray start --resources='{{\"{cfg.scaling.node_resource}\": 1}}') for "
+                "scaling.workers_per_node; drop workers_per_node to run here"
+            )
+        else:
+            hint = "Lower scaling.workers or scaling.cpus_per_worker (or use --workers N)"
         raise ClusterError(
             f"the Ray cluster ({info['address']}) is too small for this job ({detail}). "
             f"{hint}, or connect to a larger cluster with --address."

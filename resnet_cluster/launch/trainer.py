@@ -16,6 +16,9 @@ def scaling_plan(cfg: JobConfig) -> dict[str, Any]:
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
+    if s.workers_per_node is not None:
+        # N bundles of 1/N each fit on a node that declares node_resource: 1, and N+1 do not.
+        resources[s.node_resource] = round(1.0 / s.workers_per_node, 4)
     return {
         "workers": s.workers,
         "global_batch": cfg.train.batch_size,
@@ -24,7 +27,8 @@ def scaling_plan(cfg: JobConfig) -> dict[str, Any]:
         "resources_per_worker": resources,
         "total_resources": {k: v * s.workers for k, v in resources.items()},
         "backend": "nccl" if s.use_gpu else "gloo",
-        "placement_strategy": "PACK",
+        "placement_strategy": s.placement,
+        "workers_per_node": s.workers_per_node,
     }
 
 

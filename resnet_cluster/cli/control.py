@@ -1,0 +1,131 @@
+"""``resnet-cluster status`` and ``stop``: runs in the store and jobs on a cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from resnet_cluster.cli.common import console, fmt_err, print_json, resolve_store
+from resnet_cluster.errors import ClusterError, StoreError
+
+ADDRESS_HELP = "Ray Jobs API address, http://HEAD:8265 (default: $RAY_ADDRESS)."
+STORE_HELP = "Artifact store (default: $RESNET_CLUSTER_STORE or ./runs-store)."
+
+
+def _jobs_address(address: Optional[str]) -> Optional[str]:
+    from resnet_cluster.launch import remote
+    from resnet_cluster.launch.cluster import resolve_address
+
+    a = resolve_address(address)
+    return a if remote.is_jobs_address(a) else None
+
+
+def _run_record(store, target: str):
+    from resnet_cluster.artifacts.registry import show_run
+
+    try:
+        return show_run(store, target, last_events=1)["record"]
+    except StoreError:
+        return None
+
+
+def status(
+    target: Optional[str] = typer.Argument(None, help="A run id or a Ray job id; none: every running run."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    store: Optional[str] = typer.Option(None, help=STORE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Status of a run (from the artifact store) and of its Ray job (from the cluster)."""
+    from resnet_cluster.artifacts.registry import list_runs
+    from resnet_cluster.artifacts.store import ArtifactStore
+    from resnet_cluster.launch import remote
+
+    st = ArtifactStore(resolve_store(store))
+    addr = _jobs_address(address)
+    if target is None:
+        rows = [dataclasses.asdict(r) for r in list_runs(st) if r.status == "running"]
+        if json_out:
+            print_json(rows)
+        elif not rows:
+            console.print(f"No running runs in {st.root}.")
+        else:
+            for r in rows:
+                console.print(f"{r['run_id']}: running, {r['epochs'] or 0} epochs, best {fmt_err(r['best_top1_err'])}")
+        return
+    doc: dict = {"target": target}
+    rec = _run_record(st, target)
+    if rec is not None:
+        doc["run"] = rec
+        if addr:
+            try:
+                doc["job"] = remote.job_status(addr, remote.find_job_for_run(addr, target))
+            except ClusterError as e:
+                doc["job_error"] = str(e)
+    elif addr:
+        doc["job"] = remote.job_status(addr, target)
+    else:
+        raise StoreError(
+            f"no run {target!r} in {st.root}. For a Ray job id pass the cluster with --address "
+            "http://HEAD:8265; `resnet-cluster runs list` lists the runs."
+        )
+    if json_out:
+        print_json(doc)
+        return
+    t = Table(title=f"Status of {target}", show_header=False)
+    if "run" in doc:
+        r = doc["run"]
+        t.add_row("run status", r["status"])
+        t.add_row("epochs", str(r["epochs"]))
+        t.add_row("best test error", fmt_err(r["best_top1_err"]))
+        t.add_row("location", r["uri"])
+    if "job" in doc:
+        j = doc["job"]
+        t.add_row("Ray job", f"{j['job_id']}: {j['status']}")
+        if j.get("message"):
+            t.add_row("message", str(j["message"]))
+    if "job_error" in doc:
+        t.add_row("Ray job", doc["job_error"])
+    console.print(t)
+
+
+def stop(
+    target: str = typer.Argument(..., help="A run id or a Ray job id."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    store: Optional[str] = typer.Option(None, help=STORE_HELP),
+    wait: float = typer.Option(150.0, help="Seconds to wait for the run to record itself as stopped."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Stop a remotely submitted run: Ctrl-C to its driver, which records the run as `stopped`."""
+    from resnet_cluster.artifacts.store import ArtifactStore
+    from resnet_cluster.launch import remote
+
+    addr = _jobs_address(address)
+    if not addr:
+        raise ClusterError(
+            "stop needs the cluster's Jobs API address: --address http://HEAD:8265 or RAY_ADDRESS. "
+            "A run started in your terminal stops with Ctrl-C."
+        )
+    st = ArtifactStore(resolve_store(store))
+    rec = _run_record(st, target)
+    job_id = remote.find_job_for_run(addr, target) if rec is not None else target
+    remote.stop(addr, job_id)
+    final = None
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        job = remote.job_status(addr, job_id)
+        rec = _run_record(st, job.get("run_id") or target) if (job.get("run_id") or rec) else None
+        if job["status"] in ("STOPPED", "SUCCEEDED", "FAILED") and (rec is None or rec["status"] != "running"):
+            final = {"job": job, "run": rec}
+            break
+        time.sleep(2)
+    if final is None:
+        final = {"job": remote.job_status(addr, job_id), "run": rec, "timed_out": True}
+    if json_out:
+        print_json(final)
+    else:
+        run_status = final["run"]["status"] if final["run"] else "-"
+        console.print(f"Ray job {job_id}: {final['job']['status']}; run: {run_status}")

@@ -1,0 +1,106 @@
+"""Real Ray nodes on this machine for tests: `ray start --block` processes with their own ports.
+
+Each node is one foreground `ray start --block` process; killing it (by PID, never `ray stop`)
+stops exactly that node's processes. Token authentication is on (RAY_AUTH_MODE=token), as it is
+by default on clusters of the pinned Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ports(n: int) -> list[int]:
+    base = random.randrange(20000, 50000, 200)
+    return [base + i for i in range(n)]
+
+
+class RayNode:
+    def __init__(self, *, head_gcs: str | None, num_cpus: int, resources: dict[str, float], log: Path):
+        p = _ports(12)
+        args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps(resources)}", f"--node-manager-port={p[0]}",
+                f"--object-manager-port={p[1]}", f"--min-worker-port={p[2] + 100}",
+                f"--max-worker-port={p[2] + 199}", f"--dashboard-agent-listen-port={p[3]}",
+                f"--dashboard-agent-grpc-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
+                f"--metrics-export-port={p[6]}"]  # fmt: skip
+        if head_gcs is None:
+            self.gcs = f"127.0.0.1:{p[7]}"
+            self.dashboard = f"http://127.0.0.1:{p[8]}"
+            args += ["--head", f"--port={p[7]}", f"--dashboard-port={p[8]}", "--dashboard-host=127.0.0.1",
+                     f"--ray-client-server-port={p[9]}"]  # fmt: skip
+        else:
+            self.gcs, self.dashboard = head_gcs, None
+            args += [f"--address={head_gcs}"]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(args, env=base_env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+
+    def kill(self) -> None:
+        """Stop this node: SIGTERM to `ray start` and every process it started, SIGKILL after 20 s."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        self.proc.poll()
+        self.log.close()
+
+
+def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None) -> RayNode:
+    # `ray start --head` enables token auth only when a token exists (RAY-NOTES.md).
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base_env(), capture_output=True)
+    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log")
+    wait_for_nodes(head, 1)
+    return head
+
+
+def wait_for_nodes(head: RayNode, n: int, timeout: float = 300) -> list[dict]:
+    """Poll `ray status`-like node list through a short-lived driver until n nodes are alive."""
+    code = (
+        "import json, ray; ray.init(address='%s', logging_level='ERROR'); "
+        "print(json.dumps([{'id': x['NodeID'], 'alive': x['Alive'], 'resources': x['Resources']} "
+        "for x in ray.nodes()]))" % head.gcs
+    )
+    deadline = time.time() + timeout
+    last = ""
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True)
+        if out.returncode == 0:
+            nodes = [x for x in json.loads(out.stdout.strip().splitlines()[-1]) if x["alive"]]
+            if len(nodes) >= n:
+                return nodes
+        last = out.stderr[-2000:]
+        time.sleep(2)
+    raise RuntimeError(f"{n} Ray nodes did not come up in {timeout} s:\n{last}")
