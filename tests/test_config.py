@@ -178,7 +178,7 @@ def test_unknown_key_inside_optional_section():
         ("optim.lr=abc", "optim.lr", "'abc'"),
         ("optim.momentum=1.5", "optim.momentum", "1.5"),
         ("train.batch_size=0", "train.batch_size", "0"),
-        ("data.dataset=imagenet", "data.dataset", "'imagenet'"),
+        ("data.dataset=imagenet21k", "data.dataset", "'imagenet21k'"),
         ("schedule.milestones=[500,400]", "schedule.milestones", "[500, 400]"),
     ],
 )
