@@ -143,6 +143,9 @@ def main() -> None:
             "all_MBps": {k: [round(x, 1) for x in v] for k, v in rates.items()},
             "ratio_upload": round(med["ours_up"] / med["aws_up"], 3),
             "ratio_download": round(med["ours_down"] / med["aws_down"], 3),
+            # ours / awscli within each round (the two ran back to back, under the same load)
+            "paired_ratios_upload": [round(o / a, 3) for o, a in zip(rates["ours_up"], rates["aws_up"])],
+            "paired_ratios_download": [round(o / a, 3) for o, a in zip(rates["ours_down"], rates["aws_down"])],
         }
         print(json.dumps(result, indent=2))
     finally:
