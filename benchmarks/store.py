@@ -7,6 +7,11 @@ two clients alternate: aws up, ours up, aws down, ours down, then the reverse or
 medians. Downloads are checked byte-for-byte (sha256) each time.
 
     python benchmarks/store.py [--mb 200] [--reps 3]
+    python benchmarks/store.py --list-runs 2000   # `runs list` on a bucket with N runs instead
+
+With ``--list-runs N`` it stores N small finished runs (summary, events, config, manifest) in
+the bucket and times ``registry.list_runs`` against the one-run-at-a-time way (a listing and
+three sequential GETs per run, what ``runs list`` did before), in the same invocation.
 
 Needs the `aws` command (awscli) and moto's server (`pip install -e ".[dev]"`).
 """
@@ -50,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=200, help="file size in MB (10^6 bytes)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--list-runs", type=int, default=0, help="time `runs list` over this many runs instead")
     args = ap.parse_args()
     if shutil.which("aws") is None:
         sys.exit("the `aws` command (awscli) is needed for the baseline: pip install awscli")
@@ -81,6 +87,9 @@ def main() -> None:
 
         from resnet_cluster.artifacts.store import ArtifactStore
 
+        if args.list_runs:
+            bench_list(args.list_runs, args.reps)
+            return
         store = ArtifactStore("s3://bench/ours")
         src = os.path.join(work, "train_state.pt")
         size = args.mb * 10**6
@@ -152,6 +161,41 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_list(n: int, reps: int) -> None:
+    from resnet_cluster.artifacts import layout
+    from resnet_cluster.artifacts.registry import _load, _record, list_runs
+    from resnet_cluster.artifacts.store import ArtifactStore
+
+    store = ArtifactStore("s3://bench/many")
+    blobs = {}
+    for i in range(n):
+        run = f"{store._runs_path()}/run-{i:05d}"
+        blobs[f"{run}/{layout.CONFIG}"] = b"name: j\nmodel: {arch: cifar_resnet20}\n"
+        blobs[f"{run}/{layout.EVENTS}"] = b'{"time": "2026-11-23T00:00:00+00:00", "event": "submitted"}\n'
+        blobs[f"{run}/{layout.SUMMARY}"] = json.dumps({"status": "finished", "final": {"top1_err": i % 50}}).encode()
+        blobs[f"{run}/{layout.MANIFEST}"] = b'{"files": []}'
+        blobs[f"{run}/checkpoints/epoch_00001/train_state.pt"] = b"x"
+    store.fs.pipe(blobs)  # concurrent PUTs (setup, not timed)
+
+    def one_by_one() -> int:  # the old registry: per run a listing and sequential reads
+        return len([_record(store, rid, _load(store, rid)) for rid in store.list_run_ids()])
+
+    times: dict[str, list[float]] = {"list_runs": [], "one_by_one": []}
+    loads = [load()]
+    for rep in range(reps):
+        for name, fn in ((("list_runs", lambda: len(list_runs(store))), ("one_by_one", one_by_one))
+                         if rep % 2 == 0 else (("one_by_one", one_by_one), ("list_runs", lambda: len(list_runs(store))))):
+            t = time.perf_counter()
+            assert fn() == n
+            times[name].append(time.perf_counter() - t)
+        loads.append(load())
+        print(f"round {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"runs": n, "reps": reps, "load_avg_1_5_15": loads,
+                      "median_s": {k: round(v, 2) for k, v in med.items()},
+                      "speedup": round(med["one_by_one"] / med["list_runs"], 2)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -353,7 +353,8 @@ def test_list_many_runs_filters_and_delete(bucket, tmp_path):
         store.write_text(rid, layout.CONFIG, f"name: j{i}\nmodel: {{arch: cifar_resnet20}}\n")
         if i % 2 == 0:
             w.event("finished")
-            w.write_summary("finished", epochs=1, final={"top1_err": float(i)}, best={"top1_err": float(i)})
+            named = {"job": f"j{i}", "model": "cifar_resnet20"} if i % 4 == 0 else {}  # as the recorder writes
+            w.write_summary("finished", epochs=1, final={"top1_err": float(i)}, best={"top1_err": float(i)}, **named)
             write_manifest(store, rid)
         else:
             w.event("started")
@@ -361,6 +362,8 @@ def test_list_many_runs_filters_and_delete(bucket, tmp_path):
     assert len(runs) == n
     by_id = {r.run_id: r for r in runs}
     assert by_id["run-004"].status == "finished" and by_id["run-004"].best_top1_err == 4.0
+    assert (by_id["run-004"].job, by_id["run-004"].model) == ("j4", "cifar_resnet20")
+    assert (by_id["run-002"].job, by_id["run-002"].model) == ("j2", "cifar_resnet20")  # from config.yaml
     assert by_id["run-005"].status == "running" and by_id["run-005"].job == "j5"
     assert {r.run_id for r in list_runs(store, sweep="sw-a")} == {f"run-{i:03d}" for i in range(0, n, 3)}
     assert {r.run_id for r in list_runs(store, status="running")} == {f"run-{i:03d}" for i in range(1, n, 2)}

@@ -147,8 +147,8 @@ def _record(store: ArtifactStore, run_id: str, loaded) -> RunRecord:
         finished = finished or summary_d.get("written")
     return RunRecord(
         run_id=run_id,
-        job=config_d.get("name"),
-        model=model.get("arch"),
+        job=config_d.get("name") or summary_d.get("job"),
+        model=model.get("arch") or summary_d.get("model"),
         status=status,
         epochs=_as_int(summary_d.get("epochs", train.get("epochs"))),
         iterations=_as_int(summary_d.get("iterations", train.get("iterations"))),
@@ -179,9 +179,19 @@ def list_runs(
     if bad:
         raise StoreError(f"Unknown run status {', '.join(bad)}; use one of {', '.join(STATUSES)}.")
     tops = store.list_tops()
-    got = store.read_many([(rid, n) for rid, names in tops.items() for n in _LISTED_FILES if n in names])
+    first = (layout.SUMMARY, layout.EVENTS)
+    got = store.read_many([(rid, n) for rid, names in tops.items() for n in first if n in names])
     blobs: dict[str, dict[str, bytes]] = {}
     for (rid, rel), data in got.items():
+        blobs.setdefault(rid, {})[rel] = data
+    # config.yaml only where summary.json does not already name the job and model (runs that
+    # have not finished): a finished run costs two reads, not three.
+    need = []
+    for rid, names in tops.items():
+        summary = _parse(set(), {layout.SUMMARY: blobs.get(rid, {}).get(layout.SUMMARY, b"")})[1]
+        if layout.CONFIG in names and not (summary and summary.get("job") and summary.get("model")):
+            need.append((rid, layout.CONFIG))
+    for (rid, rel), data in store.read_many(need).items():
         blobs.setdefault(rid, {})[rel] = data
     records = [_record(store, rid, _parse(set(names), blobs.get(rid, {}))) for rid, names in tops.items()]
     if sweep is not None:
