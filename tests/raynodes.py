@@ -55,27 +55,52 @@ class RayNode:
 
     def kill(self) -> None:
         """Stop this node: SIGTERM to `ray start` and every process it started, SIGKILL after 20 s."""
-        import psutil
-
+        procs = [self.proc.pid, *descendants(self.proc.pid)]
+        _signal_all(procs, signal.SIGTERM)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(p) for p in procs):
+            time.sleep(0.5)
+        _signal_all(procs, signal.SIGKILL)
         try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=20)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        self.proc.poll()
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         self.log.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (Linux /proc), found before any of them is signalled."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None) -> RayNode:
