@@ -11,7 +11,7 @@ medians. Downloads are checked byte-for-byte (sha256) each time.
 
 With ``--list-runs N`` it stores N small finished runs (summary, events, config, manifest) in
 the bucket and times ``registry.list_runs`` against the one-run-at-a-time way (a listing and
-three sequential GETs per run, what ``runs list`` did before), in the same invocation.
+its three files read concurrently, via ``registry._load``), in the same invocation.
 
 Needs the `aws` command (awscli) and moto's server (`pip install -e ".[dev]"`).
 """
@@ -179,7 +179,7 @@ def bench_list(n: int, reps: int) -> None:
         blobs[f"{run}/checkpoints/epoch_00001/train_state.pt"] = b"x"
     store.fs.pipe(blobs)  # concurrent PUTs (setup, not timed)
 
-    def one_by_one() -> int:  # the old registry: per run a listing and sequential reads
+    def one_by_one() -> int:  # per run: a listing, then its files (concurrently)
         return len([_record(store, rid, _load(store, rid)) for rid in store.list_run_ids()])
 
     times: dict[str, list[float]] = {"list_runs": [], "one_by_one": []}
