@@ -67,3 +67,35 @@ def test_grafana_dashboard_queries_exactly_the_exported_metrics():
     dash = json.loads((INFRA / "grafana" / "resnet-cluster-dashboard.json").read_text())
     queried = {t["expr"].split("{")[0] for p in dash["panels"] for t in p["targets"]}
     assert queried == {f"ray_{name}" for name in {**GAUGES, **EPOCH_GAUGES}}
+
+
+def test_every_metric_gauge_reads_a_key_the_loop_really_produces():
+    """Run the loop for a few steps and check each gauge's source key is in its records."""
+    import torch
+
+    from resnet_cluster import config
+    from resnet_cluster.engine import Callback, fit
+
+    logs, epochs = [], []
+
+    class Collect(Callback):
+        def on_log(self, record):
+            logs.append(record)
+
+        def on_epoch_end(self, record, state):
+            epochs.append({**record, "epoch_done": record["epoch"] + 1})
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = config.load(INFRA.parent / "jobs" / "smoke.yaml", [
+            "scaling.workers=1", "train.batch_size=16", "train.iterations=4", "train.log_every_iterations=2",
+            "data.synthetic_train=64", "data.synthetic_test=32"])  # fmt: skip
+        fit(cfg, callbacks=[Collect()])
+    finally:
+        torch.set_num_threads(threads)
+    for name, (_, key) in GAUGES.items():
+        assert all(isinstance(r.get(key), float) for r in logs), (name, key)
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in logs)
+    for name, (_, key) in EPOCH_GAUGES.items():
+        assert key in epochs[-1], (name, key)

@@ -101,9 +101,11 @@ def train_one_epoch(
     lr = schedule.lr(iteration, epoch)
     t_epoch = t_window = time.perf_counter()
     steps_in_window = 0
+    # Seconds this rank spent waiting for its next batch (host side): in this window, this epoch.
+    wait_window = wait_epoch = 0.0
 
     def flush_window() -> None:
-        nonlocal t_window, steps_in_window, window
+        nonlocal t_window, steps_in_window, window, wait_window
         totals = ctx.all_reduce_sum(window.clone())
         epoch_acc.add_(totals)
         loss_sum, wrong, n = totals.tolist()
@@ -119,14 +121,22 @@ def train_one_epoch(
                     "train_err": err,
                     "lr": lr,
                     "images_per_sec": n / max(now - t_window, 1e-9),
+                    "data_wait_fraction": wait_window / max(now - t_window, 1e-9),
                 }
             )
         window.zero_()
-        t_window, steps_in_window = now, 0
+        t_window, steps_in_window, wait_window = now, 0, 0.0
 
-    for x, y in batches:
-        if iteration >= stop_at:
+    batch_iter = iter(batches)
+    while iteration < stop_at:
+        t_wait = time.perf_counter()
+        try:
+            x, y = next(batch_iter)
+        except StopIteration:
             break
+        waited = time.perf_counter() - t_wait
+        wait_window += waited
+        wait_epoch += waited
         lr = schedule.lr(iteration, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -164,6 +174,7 @@ def train_one_epoch(
         "train_images": int(n),
         "train_time_s": elapsed,
         "images_per_sec": n / max(elapsed, 1e-9),
+        "data_wait_s": wait_epoch,
     }
 
 
