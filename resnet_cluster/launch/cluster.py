@@ -19,12 +19,15 @@ def resolve_address(address: str | None) -> str | None:
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[str, Any]:
     """``ray.init`` once per process. Returns a description of the cluster.
 
+    ``address`` is already resolved (see :func:`resolve_address`): None starts a NEW local
+    cluster (``address="local"``), never silently joining a `ray start` cluster that happens to
+    run on this machine.
+
     Worker logs stay out of the terminal (``log_to_driver=False``): the live display shows the
     metrics, and the logs are in the Ray dashboard and under ``/tmp/ray/session_latest/logs``.
     """
     import ray
 
-    address = resolve_address(address)
     if address and address.startswith(("http://", "https://")):
         raise ClusterError(
             f"{address} is a Ray Jobs API (dashboard) URL, which submits through the Jobs API; a "
@@ -37,9 +40,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[
             "log_to_driver": False,
             "configure_logging": True,
         }
-        if address:
-            kwargs["address"] = address
-        elif num_cpus is not None:
+        kwargs["address"] = address or "local"
+        if not address and num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         global _ray_context
         try:
@@ -57,5 +59,5 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[
         "dashboard_url": getattr(_ray_context, "dashboard_url", None) or None,
         "resources": ray.cluster_resources(),
         "node_id": ctx.get_node_id(),
-        "local": not address,
+        "local": address in (None, "local"),
     }
