@@ -6,6 +6,7 @@ it finished.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from typing import Any
 
@@ -15,6 +16,8 @@ from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.errors import StoreError
 
 _CHUNK = 1 << 20  # 1 MiB: hash large checkpoints as a stream, not in memory
+# Files a finished run may gain later without being part of its manifest (`resnet-cluster eval`).
+ADDED_LATER = "eval-*.json"
 
 
 def file_digest(store: ArtifactStore, run_id: str, relpath: str) -> tuple[int, str]:
@@ -98,5 +101,7 @@ def verify_manifest(store: ArtifactStore, run_id: str, *, hashes: bool = True) -
         if digest != entry.get("sha256"):
             problems.append(f"sha256 mismatch: {path} changed since the manifest was written")
     for path in sorted(set(present) - set(listed)):
+        if fnmatch.fnmatch(path, ADDED_LATER):  # `resnet-cluster eval` results, added after the run
+            continue
         problems.append(f"file not in manifest: {path}")
     return problems
