@@ -19,7 +19,6 @@ Needs the `aws` command (awscli) and moto's server (`pip install -e ".[dev]"`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -32,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 
+from resnet_cluster.fileutil import hash_file
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,12 +40,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load() -> str:
@@ -99,7 +94,7 @@ def main() -> None:
                 n = min(left, 1 << 24)
                 f.write(os.urandom(n))
                 left -= n
-        digest = sha256(src)
+        digest = hash_file(src)
         mb = size / 1e6
 
         def aws_up() -> float:
@@ -114,7 +109,7 @@ def main() -> None:
             subprocess.run(["aws", "s3", "cp", "--only-show-errors", "s3://bench/aws/train_state.pt", dst,
                             "--endpoint-url", url], env=env, check=True)  # fmt: skip
             rate = mb / (time.perf_counter() - t)
-            assert sha256(dst) == digest
+            assert hash_file(dst) == digest
             os.unlink(dst)
             return rate
 
@@ -128,7 +123,7 @@ def main() -> None:
             t = time.perf_counter()
             store.download("bench-run", "checkpoints/train_state.pt", dst)
             rate = mb / (time.perf_counter() - t)
-            assert sha256(dst) == digest
+            assert hash_file(dst) == digest
             os.unlink(dst)
             return rate
 

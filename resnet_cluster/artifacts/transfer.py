@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import subprocess
 import tempfile
@@ -15,6 +14,7 @@ from resnet_cluster.artifacts.manifest import read_manifest
 from resnet_cluster.artifacts.registry import require_run
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.errors import StoreError
+from resnet_cluster.fileutil import hash_file
 
 # `runs download --only` groups: name -> predicate on the path inside the run.
 GROUPS: dict[str, Callable[[str], bool]] = {
@@ -53,12 +53,6 @@ def _inside(dest: str, relpath: str) -> str:
     return target
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_run(
@@ -95,7 +89,7 @@ def download_run(
         try:
             cb = callback_for(rel, int(entry.get("size") or 0)) if callback_for else None
             store.download(run_id, rel, tmp, callback=cb)
-            digest = sha256_file(tmp)
+            digest = hash_file(tmp)
             size = os.path.getsize(tmp)
             if digest != entry.get("sha256") or size != entry.get("size"):
                 raise StoreError(

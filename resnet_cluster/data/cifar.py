@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from resnet_cluster.errors import DataError
+from resnet_cluster.fileutil import hash_file
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -258,12 +259,6 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "resnet-cluster"
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_cifar10(
@@ -284,7 +279,7 @@ def download_cifar10(
     dest.mkdir(parents=True, exist_ok=True)
     name = posixpath.basename(url.split("?", 1)[0]) or ARCHIVE_NAME
     final = dest / name
-    if final.is_file() and (md5 is None or _md5(final) == md5):
+    if final.is_file() and (md5 is None or hash_file(final, "md5") == md5):
         if progress:
             progress(f"using cached {final}")
         return final
@@ -334,12 +329,6 @@ def _images_table(x: np.ndarray, y: np.ndarray):  # -> pa.Table
     return pa.table({"image": images, "label": labels})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_prepared(
@@ -380,7 +369,7 @@ def write_prepared(
             local = tmpdir / name
             write(local)
             sizes[name] = local.stat().st_size
-            hashes[name] = _sha256(local)
+            hashes[name] = hash_file(local)
             say(f"uploading {name} ({sizes[name] / 1e6:.1f} MB) to {dest}")
             try:
                 fs.put_file(str(local), posixpath.join(root, name))

@@ -41,6 +41,7 @@ import numpy as np
 
 from resnet_cluster.data.shards import FORMAT, MANIFEST, VERSION, url_to_fs
 from resnet_cluster.errors import DataError
+from resnet_cluster.fileutil import hash_file
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 SHUFFLE_SEED = 0  # fixed: the shard contents must not change between a run and its resume
@@ -220,12 +221,6 @@ def _plan_hash(split: str, items: list[Item], max_side: int, quality: int) -> st
     return h.hexdigest()
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -284,7 +279,7 @@ def _write_shard(job: _ShardJob, on_image: Callable[[], None] | None = None) -> 
         tmp = os.path.join(tmpdir, "shard.parquet")
         # JPEG bytes do not compress; one row group per shard, read whole by the loader.
         pq.write_table(table, tmp, compression="none", row_group_size=max(1, len(images)))
-        size, sha = os.path.getsize(tmp), _sha256_file(tmp)
+        size, sha = os.path.getsize(tmp), hash_file(tmp)
         try:
             put_atomic(fs, tmp, final)
         except Exception as err:
