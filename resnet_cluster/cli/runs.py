@@ -59,7 +59,8 @@ def list_runs(
         table.add_column(
             col,
             justify="right" if col in ("epochs", "best test err") else "left",
-            no_wrap=col in ("run id", "status", "started"),
+            no_wrap=col in ("status", "epochs"),
+            overflow="fold",
         )
     for r in records:
         style = STATUS_STYLE.get(r.status, "")
