@@ -20,12 +20,7 @@ from resnet_cluster.models.cifar import CifarResNet
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_responses_are_each_3x3_layers_bn_output_in_order() -> None:

@@ -21,12 +21,7 @@ TINY = ["scaling.workers=1", "train.batch_size=32", "data.synthetic_train=128", 
         "train.iterations=8", "schedule.milestones=[]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(n: int, b: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

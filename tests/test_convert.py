@@ -22,12 +22,7 @@ from resnet_cluster.models.convert import from_torchvision
 LAYERS = {"resnet18": ([2, 2, 2, 2], False), "resnet50": ([3, 4, 6, 3], True)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchvision_state_dict(arch: str, num_classes: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:

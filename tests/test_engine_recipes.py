@@ -22,12 +22,7 @@ IMAGENET = {"r18": ("resnet18", "27.88"), "r34": ("resnet34", "25.03"), "r50": (
             "plain34": ("plain34", "28.54")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def head(path: Path) -> str:

@@ -12,12 +12,7 @@ from resnet_cluster.models.blocks import Bottleneck, PreActBlock, PreActBottlene
 from resnet_cluster.models.summary import count_macs, count_params, stage_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(net: nn.Module) -> int:

@@ -19,12 +19,7 @@ TINY = ["scaling.workers=1", "train.batch_size=32", "data.synthetic_train=128", 
         "train.iterations=8", "schedule.milestones=[]", "train.log_every_iterations=4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Keep:
