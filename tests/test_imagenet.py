@@ -425,31 +425,15 @@ def test_job_keys_validate():
 
 
 @pytest.fixture
-def s3_endpoint(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        import boto3
+def s3_bucket(s3_endpoint):
+    """The shared moto endpoint (conftest) with the bucket ``data`` created."""
+    import boto3
 
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="data")
-        yield url
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="data")
+    return s3_endpoint
 
 
-def test_s3_prepare_and_read_equal_local(prepared, s3_endpoint):
+def test_s3_prepare_and_read_equal_local(prepared, s3_bucket):
     layout, local, _ = prepared
     uri = "s3://data/imagenet"
     prepare(layout, uri, max_side=100)
