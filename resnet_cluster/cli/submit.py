@@ -50,10 +50,10 @@ class LiveDisplay:
             kind = item.get("kind")
             if kind == "cluster":
                 where = item.get("dashboard_url")
+                if where and not where.startswith("http"):
+                    where = f"http://{where}"
                 self.progress.console.print(
-                    f"run [bold]{item['run_id']}[/] -> {item['uri']}"
-                    + (f"\nRay dashboard: http://{where}" if where and not where.startswith("http") else "")
-                    + (f"\nRay dashboard: {where}" if where and where.startswith("http") else ""),
+                    f"run [bold]{item['run_id']}[/] -> {item['uri']}" + (f"\nRay dashboard: {where}" if where else ""),
                     highlight=False,
                 )
                 self.progress.update(self.task, description="starting Ray Train workers")

@@ -8,7 +8,6 @@ rank 0 of the workers writes what the training produces (CSVs, environment, mode
 from __future__ import annotations
 
 import os
-import queue as queue_mod
 import secrets
 import threading
 import time
@@ -172,8 +171,9 @@ def submit(
     def pump() -> None:  # queue -> on_progress, in a thread so fit() keeps the main thread
         while not stop.is_set():
             try:
-                items = progress_q.get_nowait_batch(progress_q.qsize()) if progress_q.qsize() else []
-            except (queue_mod.Empty, Exception):
+                waiting = progress_q.qsize()
+                items = progress_q.get_nowait_batch(waiting) if waiting else []
+            except Exception:  # the queue actor is gone at shutdown: nothing more to show
                 items = []
             for item in items:
                 on_progress(item)
@@ -268,7 +268,3 @@ def _first_lines(e: BaseException, n: int = 12) -> str:
     text = str(e).strip() or type(e).__name__
     lines = text.splitlines()
     return "\n".join(lines[-n:]) if len(lines) > n else text
-
-
-def default_source_dir() -> str:
-    return os.getcwd()
