@@ -98,8 +98,19 @@ def _check_resources(cfg: JobConfig, info: dict[str, Any]) -> None:
         )
 
 
-def prepare_run(cfg: JobConfig, store: ArtifactStore, run_id: str, *, source_dir: str = ".") -> bool:
-    """Create the run folder, or check that an existing one may be resumed. Returns resuming."""
+def prepare_run(
+    cfg: JobConfig,
+    store: ArtifactStore,
+    run_id: str,
+    *,
+    source_dir: str = ".",
+    provenance: tuple[str, str] | None = None,
+) -> bool:
+    """Create the run folder, or check that an existing one may be resumed. Returns resuming.
+
+    ``provenance`` is a ``(commit, patch)`` pair taken earlier (a sweep takes it once, on the
+    machine the user ran it from); without it the git state of ``source_dir`` is read now.
+    """
     layout.validate_run_id(run_id)
     resuming = store.exists(run_id, layout.CONFIG)
     if resuming:
@@ -119,7 +130,7 @@ def prepare_run(cfg: JobConfig, store: ArtifactStore, run_id: str, *, source_dir
             )
         return True
     store.write_text(run_id, layout.CONFIG, cfg.to_yaml())
-    commit, patch = git_provenance(source_dir)
+    commit, patch = provenance or git_provenance(source_dir)
     store.write_text(run_id, layout.GIT_COMMIT, commit)
     store.write_text(run_id, layout.GIT_PATCH, patch)
     return False
@@ -132,9 +143,14 @@ def submit(
     address: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     source_dir: str = ".",
+    provenance: tuple[str, str] | None = None,
+    tags: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on Ray Train and return ``{run_id, status, uri, metrics, ...}``.
 
+    ``tags`` go on the run's ``submitted`` event (a sweep tags its trials with ``sweep_id``);
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
     Raises UserError subclasses for anything the user can fix, RunFailed when training fails.
     """
     store = ArtifactStore.from_config(cfg.artifacts)
@@ -143,7 +159,7 @@ def submit(
     store.check()
     run_id = run_id or new_run_id(cfg.name)
     check_dataset(cfg)
-    resuming = prepare_run(cfg, store, run_id, source_dir=source_dir)
+    resuming = prepare_run(cfg, store, run_id, source_dir=source_dir, provenance=provenance)
     writer = RunWriter(store, run_id)
     submission = secrets.token_hex(4)
     info = cluster.connect(address)
@@ -153,6 +169,7 @@ def submit(
         resuming=resuming,
         address=info["address"],
         dashboard=info["dashboard_url"],
+        **(tags or {}),
     )
     if on_progress:
         on_progress({"kind": "cluster", "run_id": run_id, "uri": store.run_uri(run_id), **info})
@@ -184,7 +201,9 @@ def submit(
         pump_thread.start()
     t0 = time.time()
     try:
-        trainer = build_trainer(cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q)
+        trainer = build_trainer(
+            cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q, callbacks=callbacks
+        )
         trainer.fit()
     except (KeyboardInterrupt, SystemExit):
         # Ray Train's own SIGINT handler aborts the controller and may exit via SystemExit.

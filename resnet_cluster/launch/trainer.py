@@ -56,6 +56,7 @@ def build_trainer(
     store: ArtifactStore,
     submission: str,
     progress_queue: Any = None,
+    callbacks: list[Any] | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -87,5 +88,6 @@ def build_trainer(
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=callbacks,
         ),
     )
