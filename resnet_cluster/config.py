@@ -387,19 +387,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(data: dict, path: list[str], value: Any, *, what: str) -> None:
+    """Set ``data[path[0]][path[1]]… = value`` in place, creating sections on the way."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: `{part}` is a value, not a section.")
+        node = child
+    node[path[-1]] = copy.deepcopy(value)
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: `{part}` is a value, not a section.")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, path, value, what=f"--set {text!r}")
     return data
 
 
@@ -431,20 +436,22 @@ def _check_model(cfg: JobConfig, source: str) -> None:
         raise ConfigError(f"{source}: invalid job: {e}") from None
 
 
-def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a job file, apply ``--set`` overrides, and validate. Raises ConfigError."""
+def read_job_file(path: str | os.PathLike, *, missing_hint: str = "for example jobs/smoke.yaml") -> dict:
+    """The raw mapping of a job YAML (not validated). Raises ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(
-            f"job file {str(p)!r} does not exist. Pass the path of a job YAML, "
-            "for example jobs/smoke.yaml."
-        )
+        raise ConfigError(f"job file {str(p)!r} does not exist. Pass the path of a job YAML, {missing_hint}.")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a job file must be a mapping of sections, got {type(data).__name__}.")
-    data = apply_overrides(data, overrides)
-    source = str(p) + (" (with --set overrides)" if overrides else "")
+    return data
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job file, apply ``--set`` overrides, and validate. Raises ConfigError."""
+    data = apply_overrides(read_job_file(path), overrides)
+    source = str(path) + (" (with --set overrides)" if overrides else "")
     return from_dict(data, source=source)

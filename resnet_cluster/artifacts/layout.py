@@ -11,6 +11,7 @@ import re
 from resnet_cluster.errors import StoreError
 
 RUNS = "runs"  # runs live at <root>/RUNS/<run_id>/
+SWEEPS = "sweeps"  # sweeps (their definition, trial list, report) at <root>/SWEEPS/<sweep_id>/
 
 CONFIG = "config.yaml"  # the resolved job, exactly as run
 MODEL = "model.pt"  # final weights plus the config needed to rebuild the model

@@ -16,6 +16,7 @@ billed parts are left behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -158,8 +159,17 @@ class ArtifactStore:
     def __repr__(self) -> str:
         return f"ArtifactStore({self._root!r})"
 
+    _ns = layout.RUNS  # the folder under the root whose entries this store addresses
+
+    def sweeps(self) -> "ArtifactStore":
+        """The same store addressing ``<root>/sweeps/<sweep_id>/`` instead of runs: every
+        method then takes a sweep id where it takes a run id."""
+        view = copy.copy(self)
+        view._ns = layout.SWEEPS
+        return view
+
     def _runs_path(self) -> str:
-        return posixpath.join(self._base, layout.RUNS)
+        return posixpath.join(self._base, self._ns)
 
     def _path(self, run_id: str, relpath: str = "") -> str:
         """Filesystem path (no protocol) of ``relpath`` inside run ``run_id``."""

@@ -28,6 +28,7 @@ def _register() -> None:
     app.add_typer(models.app, name="models")
     from resnet_cluster.cli import eval as eval_cli; app.command("eval")(eval_cli.eval_command)  # noqa: E702
     from resnet_cluster.cli import analyze; app.add_typer(analyze.app, name="analyze")  # noqa: E702
+    from resnet_cluster.cli import sweep; app.add_typer(sweep.app, name="sweep")  # noqa: E702
 
 
 _register()

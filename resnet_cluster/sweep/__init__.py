@@ -1,0 +1,1 @@
+"""Ray Tune sweeps that reproduce the seed experiments' tables (``resnet-cluster sweep``)."""

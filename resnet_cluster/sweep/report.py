@@ -1,0 +1,174 @@
+"""A sweep's table in the published layout, and its curves.
+
+One row per grid row: the test error (%) as mean ± std over the seeds whose runs finished, the
+best seed, the reference figure of the published table, and the difference mean − reference.
+``std`` is the sample standard deviation (n − 1), blank with a single run. The test error of a
+run is its last evaluation (``metric: final``, as the tables report) or its best one
+(``metric: best``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+from typing import Any
+
+from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.registry import read_csv
+from resnet_cluster.artifacts.store import ArtifactStore
+from resnet_cluster.sweep import runner
+
+CURVES_PNG = "curves.png"
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def build(store: ArtifactStore, sweep_id: str) -> dict[str, Any]:
+    meta = runner.load(store, sweep_id)
+    states = runner.trial_states(store, meta)
+    metric = meta.get("metric", "final")
+    rows = []
+    for row in meta["rows"]:
+        trials = [t for t in meta["trials"] if t["row"] == row["index"]]
+        runs, errors = [], []
+        for t in trials:
+            rec = states[t["run_id"]]
+            status = rec.status if rec else "not started"
+            err = None
+            if rec is not None and rec.status == "finished":
+                err = rec.final_top1_err if metric == "final" else rec.best_top1_err
+                if err is not None:
+                    errors.append(err)
+            runs.append({"run_id": t["run_id"], "seed": t["seed"], "status": status, "top1_err": err})
+        mean = statistics.fmean(errors) if errors else None
+        std = statistics.stdev(errors) if len(errors) > 1 else None
+        ref = row.get("reference")
+        rows.append(
+            {
+                "row": row["label"],
+                "mean": mean,
+                "std": std,
+                "best": min(errors) if errors else None,
+                "n": len(errors),
+                "trials": len(trials),
+                "reference": ref,
+                "diff": (mean - ref) if (mean is not None and ref is not None) else None,
+                "runs": runs,
+            }
+        )
+    done = sum(r["n"] for r in rows)
+    return {
+        "sweep_id": sweep_id,
+        "name": meta.get("name"),
+        "title": meta.get("title"),
+        "source": meta.get("source"),
+        "metric": metric,
+        "store": store.root,
+        "created": meta.get("created"),
+        "complete": done == len(meta["trials"]),
+        "finished_trials": done,
+        "total_trials": len(meta["trials"]),
+        "rows": rows,
+    }
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def cells(r: dict[str, Any]) -> list[str]:
+    """The displayed cells of one row: row, mean ± std, best, reference, diff, runs."""
+    if r["mean"] is None:
+        err = ""
+    elif r["std"] is None:
+        err = _f(r["mean"])
+    else:
+        err = f"{_f(r['mean'])} ± {_f(r['std'])}"
+    return [r["row"], err, _f(r["best"]), _f(r["reference"]), _f(r["diff"], "{:+.2f}"), f"{r['n']}/{r['trials']}"]
+
+
+HEADER = ["row", "test error (%)", "best", "reference", "diff", "runs"]
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    lines = []
+    if rep.get("title"):
+        lines.append(f"**{rep['title']}**" + (f" (reference: {rep['source']})" if rep.get("source") else ""))
+        lines.append("")
+    lines.append("| " + " | ".join(HEADER) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|")
+    for r in rep["rows"]:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |")
+    lines.append("")
+    lines.append(
+        f"Test error: {rep['metric']} evaluation, mean ± sample std over seeds; diff = mean − "
+        f"reference. Sweep {rep['sweep_id']}, {rep['finished_trials']}/{rep['total_trials']} runs finished."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rep: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["row", "mean", "std", "best", "n", "trials", "reference", "diff"])
+    for r in rep["rows"]:
+        w.writerow([r["row"], *(("" if r[k] is None else r[k]) for k in ("mean", "std", "best", "n", "trials", "reference", "diff"))])
+    return buf.getvalue()
+
+
+def to_json(rep: dict[str, Any]) -> str:
+    return json.dumps(rep, indent=2)
+
+
+def _mean_curve(curves: list[list[dict[str, Any]]], key: str) -> tuple[list[float], list[float]]:
+    """The mean over seeds at the iterations every seed logged (same schedule, same points)."""
+    per = [{r["iteration"]: r[key] for r in c if r.get("iteration") is not None and r.get(key) is not None} for c in curves]
+    per = [p for p in per if p]
+    if not per:
+        return [], []
+    common = sorted(set.intersection(*(set(p) for p in per)))
+    return common, [statistics.fmean(p[i] for p in per) for i in common]
+
+
+def plot(store: ArtifactStore, rep: dict[str, Any]) -> str | None:
+    """Training loss and test error against iterations, one line per row (mean over its
+    finished seeds), in one two-panel PNG saved in the sweep's folder. Returns its URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    drawn = 0
+    for r in rep["rows"]:
+        ids = [run["run_id"] for run in r["runs"] if run["status"] == "finished"]
+        if not ids:
+            continue
+        xs, ys = _mean_curve([read_csv(store, i, layout.TRAIN_CSV) for i in ids], "loss")
+        line = ax_loss.plot(xs, ys, label=r["row"], linewidth=1)[0]
+        xs, ys = _mean_curve([read_csv(store, i, layout.TEST_CSV) for i in ids], "top1_err")
+        ax_err.plot(xs, ys, label=r["row"], color=line.get_color(), marker="." if len(xs) < 40 else None)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("training loss")
+    ax_err.set_title("test error (%)")
+    for ax in (ax_loss, ax_err):
+        ax.set_xlabel("iterations")
+        ax.grid(True, alpha=0.3)
+    ax_err.legend(fontsize=7)
+    fig.suptitle(rep.get("title") or rep["sweep_id"], fontsize=10)
+    fig.tight_layout()
+    views = store.sweeps()
+    with tempfile.TemporaryDirectory(prefix="rc-sweep-") as d:
+        path = os.path.join(d, CURVES_PNG)
+        fig.savefig(path)
+        plt.close(fig)
+        views.put_file(rep["sweep_id"], path, CURVES_PNG)
+    return views.uri(rep["sweep_id"], CURVES_PNG)

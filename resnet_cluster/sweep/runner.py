@@ -1,0 +1,283 @@
+"""Run a sweep with Ray Tune: one Tune trial per (row, seed), each a normal Ray Train run.
+
+Each trial is a function trainable that calls :func:`launch.submit.submit` with the trial's job
+and run id, so it is exactly a run that ``resnet-cluster submit`` would make (same worker loop,
+same artifacts, same resume rules), tagged with the sweep id on its ``submitted`` event. The
+trial's own process needs almost nothing; the training workers' resources come from the job's
+``scaling`` section (the sweep's ``trial_resources``), and Ray Train's metrics reach Tune
+through ``TuneReportCallback`` (the way Ray 2.60 composes Tune and Train).
+
+The sweep itself lives at ``<store>/sweeps/<sweep_id>/``: ``sweep.json`` (rows, every trial's
+run id and complete job), the sweep file as given, and the source commit and patch taken when it
+started. Resuming reruns only the trials whose runs have not finished; an interrupted trial's
+run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.provenance import git_provenance
+from resnet_cluster.artifacts.registry import list_runs
+from resnet_cluster.artifacts.run import RunWriter, utc_now
+from resnet_cluster.artifacts.store import ArtifactStore
+from resnet_cluster.config import JobConfig, from_dict
+from resnet_cluster.errors import ConfigError, StoreError
+from resnet_cluster.launch import cluster
+from resnet_cluster.launch.submit import check_dataset
+from resnet_cluster.sweep.spec import Sweep
+
+SWEEP_JSON = "sweep.json"
+SWEEP_FILE = "sweep.yaml"
+# The trial's own process only waits on its TorchTrainer. Tune refuses empty resources, and a
+# fraction of a CPU would keep a whole-CPU training worker of another trial from fitting.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
+TRAIN_SIZES = {"cifar10": 50_000, "imagenet": 1_281_167}
+
+
+def sweep_store(store_root: str, endpoint_url: str | None = None) -> ArtifactStore:
+    return ArtifactStore(store_root, endpoint_url=endpoint_url)
+
+
+def _first_cfg(meta: dict[str, Any]) -> JobConfig:
+    return from_dict(meta["trials"][0]["job"], source=f"sweep {meta.get('sweep_id')}")
+
+
+def save(store: ArtifactStore, sweep: Sweep, provenance: tuple[str, str]) -> dict[str, Any]:
+    """Write the sweep's record (create-only: a sweep id is never reused)."""
+    sweep_id = sweep.sweep_id
+    views = store.sweeps()
+    meta = {**sweep.as_dict(), "created": utc_now()}
+    with open(sweep.file, encoding="utf-8") as f:
+        views.write_text(sweep_id, SWEEP_FILE, f.read())
+    views.write_text(sweep_id, layout.GIT_COMMIT, provenance[0])
+    views.write_text(sweep_id, layout.GIT_PATCH, provenance[1])
+    views.write_json(sweep_id, SWEEP_JSON, meta, exclusive=True)  # last: the sweep exists
+    return meta
+
+
+def load(store: ArtifactStore, sweep_id: str) -> dict[str, Any]:
+    views = store.sweeps()
+    layout.validate_run_id(sweep_id)
+    if not views.exists(sweep_id, SWEEP_JSON):
+        known = list_sweep_ids(store)
+        import difflib
+
+        close = difflib.get_close_matches(sweep_id, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise StoreError(
+            f"no sweep {sweep_id!r} in artifact store {store.root}.{hint} List the sweeps with "
+            f"`resnet-cluster sweep list --store {store.root}`, or pass the store it was run "
+            "with (--store)."
+        )
+    return views.read_json(sweep_id, SWEEP_JSON)
+
+
+def list_sweep_ids(store: ArtifactStore) -> list[str]:
+    return store.sweeps().list_run_ids()
+
+
+def trial_states(store: ArtifactStore, meta: dict[str, Any]) -> dict[str, Any]:
+    """``{run_id: RunRecord or None}`` for every trial of the sweep (None: never started)."""
+    records = {r.run_id: r for r in list_runs(store, sweep=meta["sweep_id"])}
+    return {t["run_id"]: records.get(t["run_id"]) for t in meta["trials"]}
+
+
+def _epochs(cfg: JobConfig) -> int:
+    if cfg.train.epochs:
+        return cfg.train.epochs
+    size = cfg.data.synthetic_train if cfg.data.dataset == "synthetic" else TRAIN_SIZES[cfg.data.dataset]
+    per_epoch = max(1, size // cfg.train.batch_size)
+    return max(1, math.ceil((cfg.train.iterations or 1) / per_epoch))
+
+
+def concurrency(meta: dict[str, Any], pending: int, info: dict[str, Any]) -> int:
+    """Trials at once: the sweep's max_concurrent, and on a local cluster no more than fit."""
+    cfg = _first_cfg(meta)
+    limit = meta.get("max_concurrent") or pending
+    if info["local"]:
+        have = info["resources"]
+        need = {"CPU": cfg.scaling.cpus_per_worker * cfg.scaling.workers}
+        if cfg.scaling.use_gpu:
+            need["GPU"] = cfg.scaling.gpus_per_worker * cfg.scaling.workers
+        fits = min(int(have.get(k, 0) // v + 1e-9) for k, v in need.items())
+        limit = min(limit, max(1, fits))
+    return max(1, min(limit, pending))
+
+
+def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str]) -> None:
+    """The Tune function trainable: one normal run, its metrics forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from resnet_cluster.launch.submit import submit
+
+    t = config["trial"]
+    cfg = from_dict(t["job"], source=f"sweep {sweep_id}, trial {t['run_id']}")
+    result = submit(
+        cfg,
+        run_id=t["run_id"],
+        provenance=provenance,
+        tags={"sweep_id": sweep_id, "sweep_row": t["label"], "sweep_seed": t["seed"]},
+        callbacks=[TuneReportCallback()],
+    )
+    final = {k: v for k, v in (result.get("final") or {}).items() if isinstance(v, (int, float))}
+    tune.report({**final, "finished": 1})
+
+
+class _Events:
+    """Tune callback on the driver: trial start/result/end -> ``on_event`` dicts."""
+
+    def __new__(cls, on_event: Callable[[dict[str, Any]], None]):
+        from ray import tune
+
+        class Forward(tune.Callback):
+            def __init__(self) -> None:
+                self.last: dict[str, dict[str, Any]] = {}
+
+            def _emit(self, trial, status: str, result: dict[str, Any] | None = None) -> None:
+                t = trial.config.get("trial", {})
+                ev = {"kind": "trial", "run_id": t.get("run_id"), "row": t.get("label"), "seed": t.get("seed"), "status": status}
+                for k in ("epoch", "iteration", "loss", "top1_err"):
+                    if result and isinstance(result.get(k), (int, float)):
+                        ev[k] = result[k] + (1 if k == "epoch" else 0)  # epochs done
+                on_event(ev)
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self._emit(trial, "running")
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                self.last[trial.trial_id] = result
+                self._emit(trial, "running", result)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                last = self.last.get(trial.trial_id, {})
+                self._emit(trial, "finished" if last.get("finished") else "stopped")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._emit(trial, "failed")
+
+        return Forward()
+
+
+def run(
+    meta: dict[str, Any],
+    store: ArtifactStore,
+    *,
+    address: str | None = None,
+    scheduler: str | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every trial of the sweep whose run has not finished; return the sweep's state."""
+    sweep_id = meta["sweep_id"]
+    emit = on_event or (lambda ev: None)
+    states = trial_states(store, meta)
+    pending = [t for t in meta["trials"] if not (states[t["run_id"]] and states[t["run_id"]].status == "finished")]
+    done_before = len(meta["trials"]) - len(pending)
+    for t in meta["trials"]:
+        rec = states[t["run_id"]]
+        emit({"kind": "trial", "run_id": t["run_id"], "row": t["label"], "seed": t["seed"],
+              "status": "finished" if rec and rec.status == "finished" else "pending",
+              **({"top1_err": rec.final_top1_err} if rec and rec.final_top1_err is not None else {})})
+    if not pending:
+        return {"sweep_id": sweep_id, "ran": 0, "skipped": done_before, "interrupted": False}
+    for job in {str(t["job"]["data"]): t["job"] for t in pending}.values():
+        check_dataset(from_dict(job, source=f"sweep {sweep_id}"))
+    views = store.sweeps()
+    provenance = (views.read_text(sweep_id, layout.GIT_COMMIT), views.read_text(sweep_id, layout.GIT_PATCH))
+
+    info = cluster.connect(address)
+    n = concurrency(meta, len(pending), info)
+    emit({"kind": "cluster", "sweep_id": sweep_id, "concurrent": n, "pending": len(pending), **info})
+
+    from ray import tune
+
+    tune_config: dict[str, Any] = {"max_concurrent_trials": n}
+    if scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        max_t = _epochs(_first_cfg(meta))
+        tune_config["scheduler"] = ASHAScheduler(
+            time_attr="training_iteration",
+            metric="top1_err",
+            mode="min",
+            max_t=max_t,
+            grace_period=max(1, max_t // 10),
+            reduction_factor=3,
+        )
+    elif scheduler not in (None, "none", "fifo"):
+        raise ConfigError(f"--scheduler {scheduler!r}: use asha (early stopping) or leave it out (full runs).")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep_id=sweep_id, provenance=provenance), TRIAL_DRIVER_RESOURCES
+    )
+    tune_dir = views.uri(sweep_id, "tune") if store.is_local else None
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(pending)},
+        tune_config=tune.TuneConfig(**tune_config),
+        run_config=tune.RunConfig(
+            name=f"tune-{sweep_id}",
+            storage_path=tune_dir,
+            verbose=0,
+            callbacks=[_Events(emit)] if on_event else None,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    interrupted = False
+    errors: dict[str, str] = {}
+    # Ctrl-C raises KeyboardInterrupt here instead of Tune's own handler saving experiment
+    # state: a sweep resumes from its runs in the store, not from Tune's experiment folder.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # The live table is ours; Tune's own console reporter (new engine) prints its header anyway.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        for result in tuner.fit():
+            if result.error is not None:
+                rid = (result.config or {}).get("trial", {}).get("run_id")
+                errors[rid] = str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else type(result.error).__name__
+    except KeyboardInterrupt:
+        interrupted = True
+    states = trial_states(store, meta)
+    stopped = []
+    for t in pending:
+        rec = states[t["run_id"]]
+        if rec is not None and rec.status == "running":
+            # Tune ended the trial while its run was going (ASHA stopped it, or the sweep was
+            # interrupted): record that, so the run does not look alive forever.
+            if interrupted:
+                reason = "sweep interrupted (Ctrl-C); `resnet-cluster sweep resume` continues it"
+            elif scheduler == "asha" and t["run_id"] not in errors:
+                reason = "stopped early by the ASHA scheduler"
+            else:
+                reason = "its sweep trial ended before the run finished"
+            RunWriter(store, t["run_id"]).event("stopped", reason=reason, sweep_id=sweep_id)
+            stopped.append(t["run_id"])
+    states = trial_states(store, meta)
+    count = lambda status: sum(1 for t in meta["trials"] if states[t["run_id"]] and states[t["run_id"]].status == status)  # noqa: E731
+    return {
+        "sweep_id": sweep_id,
+        "ran": len(pending),
+        "skipped": done_before,
+        "finished": count("finished"),
+        "failed": count("failed"),
+        "stopped": count("stopped"),
+        "not_started": sum(1 for t in meta["trials"] if states[t["run_id"]] is None),
+        "errors": errors,
+        "interrupted": interrupted,
+    }
+
+
+def start(sweep: Sweep, *, source_dir: str = ".") -> tuple[ArtifactStore, dict[str, Any]]:
+    """Check the store and record the sweep in it (nothing runs yet)."""
+    endpoint = sweep.trials[0].job.get("artifacts", {}).get("endpoint_url")
+    store = sweep_store(sweep.store, endpoint)
+    store.check()
+    for job in {str(t.job["data"]): t.job for t in sweep.trials}.values():
+        check_dataset(from_dict(job, source=f"sweep {sweep.name}"))
+    meta = save(store, sweep, git_provenance(os.path.abspath(source_dir)))
+    return store, meta
