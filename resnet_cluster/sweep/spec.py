@@ -55,7 +55,8 @@ class TrialResources(BaseModel):
     gpu: float = Field(0, ge=0)
 
 
-AxisValues = list[Any] | dict[str, dict[str, Any]]
+# A key axis is a list of values of one dotted job key; a named axis maps labels to overrides.
+AxisValues = Any
 
 
 class SweepFile(BaseModel):
@@ -89,8 +90,11 @@ class SweepFile(BaseModel):
         if not v:
             raise ValueError("the grid needs at least one axis")
         for axis, values in v.items():
-            if not values:
-                raise ValueError(f"grid axis `{axis}` has no values")
+            if not isinstance(values, (list, dict)) or not values:
+                raise ValueError(
+                    f"grid axis `{axis}` must be a non-empty list of values of a job key (such as "
+                    "`bn.momentum: [0.1, 0.01]`) or a mapping of row labels to dotted overrides"
+                )
         return v
 
 
