@@ -15,7 +15,7 @@ from rich.progress import TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, err_console, fmt_err, fmt_num, print_json
+from resnet_cluster.cli.common import console, err_console, fmt_err, fmt_num, print_json, reserve_stdout_for_json
 
 
 class LiveDisplay:
@@ -157,6 +157,7 @@ def submit(
     address = target
     try:
         if json_out:
+            reserve_stdout_for_json()
             result = run_submit(cfg, run_id=name, address=address, source_dir=os.getcwd())
             print_json(result)
             return

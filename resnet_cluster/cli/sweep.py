@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from resnet_cluster.cli.common import console, err_console, fmt_err, print_json, resolve_store
+from resnet_cluster.cli.common import console, err_console, fmt_err, print_json, reserve_stdout_for_json, resolve_store
 
 
 class _DefaultRun(TyperGroup):
@@ -130,6 +130,8 @@ def _execute(meta: dict[str, Any], store, *, address: Optional[str], scheduler: 
     from resnet_cluster.launch.cluster import resolve_address
     from resnet_cluster.sweep import report, runner
 
+    if as_json:
+        reserve_stdout_for_json()
     display = None if as_json else TrialTable(meta["sweep_id"], meta["trials"])
     if display:
         err_console.print(
