@@ -22,7 +22,7 @@ from typing import Any
 
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.provenance import git_provenance
-from resnet_cluster.artifacts.registry import list_runs
+from resnet_cluster.artifacts.registry import list_runs, parse_events
 from resnet_cluster.artifacts.run import RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig, from_dict
@@ -87,6 +87,19 @@ def trial_states(store: ArtifactStore, meta: dict[str, Any]) -> dict[str, Any]:
     return {t["run_id"]: records.get(t["run_id"]) for t in meta["trials"]}
 
 
+def _done(store: ArtifactStore, rec: Any) -> bool:
+    """A trial needs no more work: its run finished, or ASHA stopped it early on purpose."""
+    if rec is None:
+        return False
+    if rec.status == "finished":
+        return True
+    if rec.status != "stopped":
+        return False
+    events = parse_events(store.read_text(rec.run_id, layout.EVENTS))
+    last = [e for e in events if e["event"] == "stopped"][-1]
+    return bool(last.get("early_stop"))
+
+
 def _epochs(cfg: JobConfig) -> int:
     if cfg.train.epochs:
         return cfg.train.epochs
@@ -111,6 +124,9 @@ def concurrency(meta: dict[str, Any], pending: int, info: dict[str, Any]) -> int
 
 def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str]) -> None:
     """The Tune function trainable: one normal run, its metrics forwarded to Tune."""
+    import time
+
+    trial_start = time.time()  # benchmarks/sweeps.py: trial start -> first training step
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -122,7 +138,7 @@ def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str]
         cfg,
         run_id=t["run_id"],
         provenance=provenance,
-        tags={"sweep_id": sweep_id, "sweep_row": t["label"], "sweep_seed": t["seed"]},
+        tags={"sweep_id": sweep_id, "sweep_row": t["label"], "sweep_seed": t["seed"], "trial_start_unix": round(trial_start, 3)},
         callbacks=[TuneReportCallback()],
     )
     final = {k: v for k, v in (result.get("final") or {}).items() if isinstance(v, (int, float))}
@@ -176,15 +192,15 @@ def run(
     sweep_id = meta["sweep_id"]
     emit = on_event or (lambda ev: None)
     states = trial_states(store, meta)
-    pending = [t for t in meta["trials"] if not (states[t["run_id"]] and states[t["run_id"]].status == "finished")]
+    pending = [t for t in meta["trials"] if not _done(store, states[t["run_id"]])]
     done_before = len(meta["trials"]) - len(pending)
     for t in meta["trials"]:
         rec = states[t["run_id"]]
         emit({"kind": "trial", "run_id": t["run_id"], "row": t["label"], "seed": t["seed"],
-              "status": "finished" if rec and rec.status == "finished" else "pending",
+              "status": rec.status if _done(store, rec) else "pending",
               **({"top1_err": rec.final_top1_err} if rec and rec.final_top1_err is not None else {})})
     if not pending:
-        return {"sweep_id": sweep_id, "ran": 0, "skipped": done_before, "interrupted": False}
+        return _outcome(store, meta, ran=0, skipped=done_before)
     for job in {str(t["job"]["data"]): t["job"] for t in pending}.values():
         check_dataset(from_dict(job, source=f"sweep {sweep_id}"))
     views = store.sweeps()
@@ -230,6 +246,7 @@ def run(
     )
     interrupted = False
     errors: dict[str, str] = {}
+    cut_short: set[str] = set()
     # Ctrl-C raises KeyboardInterrupt here instead of Tune's own handler saving experiment
     # state: a sweep resumes from its runs in the store, not from Tune's experiment folder.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -237,38 +254,45 @@ def run(
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         for result in tuner.fit():
+            rid = (result.config or {}).get("trial", {}).get("run_id")
             if result.error is not None:
-                rid = (result.config or {}).get("trial", {}).get("run_id")
-                errors[rid] = str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else type(result.error).__name__
+                text = str(result.error).strip()
+                errors[rid] = text.splitlines()[-1][:500] if text else type(result.error).__name__
+            elif not (result.metrics or {}).get("finished"):
+                cut_short.add(rid)  # ended by the scheduler before its run finished
     except KeyboardInterrupt:
         interrupted = True
     states = trial_states(store, meta)
-    stopped = []
     for t in pending:
         rec = states[t["run_id"]]
-        if rec is not None and rec.status == "running":
+        # ASHA stops a trial by removing its placement group, which takes the run's Ray Train
+        # controller with it: the run may have recorded that as a failure.
+        asha_stop = scheduler == "asha" and not interrupted and t["run_id"] in cut_short
+        if rec is not None and (rec.status == "running" or (asha_stop and rec.status == "failed")):
             # Tune ended the trial while its run was going (ASHA stopped it, or the sweep was
             # interrupted): record that, so the run does not look alive forever.
             if interrupted:
                 reason = "sweep interrupted (Ctrl-C); `resnet-cluster sweep resume` continues it"
-            elif scheduler == "asha" and t["run_id"] not in errors:
+            elif asha_stop:
                 reason = "stopped early by the ASHA scheduler"
             else:
                 reason = "its sweep trial ended before the run finished"
-            RunWriter(store, t["run_id"]).event("stopped", reason=reason, sweep_id=sweep_id)
-            stopped.append(t["run_id"])
+            RunWriter(store, t["run_id"]).event("stopped", reason=reason, sweep_id=sweep_id, early_stop=asha_stop)
+    return _outcome(store, meta, ran=len(pending), skipped=done_before, errors=errors, interrupted=interrupted)
+
+
+def _outcome(store: ArtifactStore, meta: dict[str, Any], **fields: Any) -> dict[str, Any]:
     states = trial_states(store, meta)
-    count = lambda status: sum(1 for t in meta["trials"] if states[t["run_id"]] and states[t["run_id"]].status == status)  # noqa: E731
+    count = lambda status: sum(1 for r in states.values() if r is not None and r.status == status)  # noqa: E731
     return {
-        "sweep_id": sweep_id,
-        "ran": len(pending),
-        "skipped": done_before,
+        "sweep_id": meta["sweep_id"],
         "finished": count("finished"),
         "failed": count("failed"),
         "stopped": count("stopped"),
-        "not_started": sum(1 for t in meta["trials"] if states[t["run_id"]] is None),
-        "errors": errors,
-        "interrupted": interrupted,
+        "not_started": sum(1 for r in states.values() if r is None),
+        "errors": {},
+        "interrupted": False,
+        **fields,
     }
 
 
