@@ -59,10 +59,12 @@ class DataConfig(_Section):
     # Sizes of the generated set when dataset is synthetic (CIFAR-shaped, learnable).
     synthetic_train: int = Field(2560, ge=1)
     synthetic_test: int = Field(512, ge=1)
-    # ImageNet shards only: DataLoader worker processes per rank (0 = decode in the training
-    # process), batches each worker prepares ahead, shards mixed per shuffle window, whether each
-    # shard's sha256 is checked as it is read, and AlexNet PCA lighting std (0 = off).
-    loader_workers: int = Field(4, ge=0)
+    # Prepared shards (cifar10, imagenet): DataLoader worker processes per rank (0 = read in the
+    # training process; null = 4 for ImageNet's JPEGs, 0 for CIFAR-10's raw pixels, which need
+    # no decoding: there the workers' IPC costs the training process more than reading does),
+    # batches each worker prepares ahead, shards mixed per shuffle window, and whether each
+    # shard's sha256 is checked as it is read. ImageNet only: AlexNet PCA lighting std (0 = off).
+    loader_workers: int | None = Field(None, ge=0)
     prefetch_batches: int = Field(2, ge=1)
     shuffle_shards: int = Field(2, ge=1)
     verify_shards: bool = True

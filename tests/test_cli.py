@@ -36,7 +36,9 @@ def test_data_prepare_cifar10_from_a_genuine_archive(prepared):
     dest, summary = prepared
     assert summary["num_train"] == 5 * PER_BATCH and summary["num_test"] == N_TEST
     assert summary["classes"][0] == "airplane" and len(summary["classes"]) == 10
-    assert {"train.parquet", "test.parquet", "mean.npy", "meta.json"} <= {p.name for p in dest.iterdir()}
+    # the shard format ImageNet uses: shard folders, then manifest.json and meta.json last
+    assert {p.name for p in dest.iterdir()} == {"train", "test", "manifest.json", "meta.json"}
+    assert summary["shards"] == 2 and summary["reused_shards"] == 0
 
 
 def test_training_reads_the_prepared_dataset(prepared):

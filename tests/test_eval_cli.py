@@ -18,7 +18,7 @@ from resnet_cluster import config
 from resnet_cluster.artifacts.recorder import RunRecorder
 from resnet_cluster.engine import Callback, WorkerContext, evaluate, fit
 from resnet_cluster.engine.checkpoint import save_train_state
-from test_data import N_TEST, write_archive
+from test_data import N_TEST, _write_legacy_layout, write_archive
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "resnet-cluster")
@@ -109,3 +109,17 @@ def test_bad_targets_and_protocols_exit_2(trained):
     assert proc.returncode == 2 and "data.root" in proc.stderr
     proc = cli("eval", str(tmp / "nothing-here" / "model.pt"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_data_prepared_in_the_old_cifar_layout_exits_2_naming_the_fix(trained, tmp_path):
+    """A CIFAR-10 folder prepared before the shard format: one paragraph naming the folder and
+    the command that rewrites it, exit code 2, no traceback."""
+    from test_data import _make_batches
+
+    tmp, store, _, _ = trained
+    old = tmp_path / "old-cifar"
+    _write_legacy_layout(old, *_make_batches())
+    proc = cli("eval", RUN_ID, "--store", str(store), "--data", str(old), "--no-record")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = " ".join(proc.stderr.split())  # rich folds the paragraph
+    assert "old single-file layout" in err and f"data prepare cifar10 --dest {old}" in err

@@ -20,24 +20,29 @@ def prepare_cifar10(
         None, help="cifar-10-python.tar.gz as a local path or URL; default: download the official archive."
     ),
     dest: str = typer.Option("./data/cifar10", help="Where jobs read it (data.root): a folder or fsspec URI."),
+    shard_images: int = typer.Option(1000, help="Images per shard (3 KB each, stored raw)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
-    """Convert the official CIFAR-10 python archive into Parquet files plus the per-pixel mean."""
+    """Write the official CIFAR-10 python archive as shards plus manifest.json, the format ImageNet uses (resumable: re-run the same command)."""
     from resnet_cluster.data.cifar import prepare_cifar10 as prepare
 
     if json_out:
-        summary = prepare(source, dest)
+        summary = prepare(source, dest, shard_images=shard_images)
         print_json(summary)
         return
     with console.status("preparing CIFAR-10") as status:
-        summary = prepare(source, dest, progress=lambda msg: status.update(msg))
+        summary = prepare(source, dest, shard_images=shard_images,
+                          progress=lambda msg: status.update(msg))
     table = Table(title=f"CIFAR-10 prepared at {summary['dest']}", show_header=False)
-    table.add_row("training images", str(summary["num_train"]))
-    table.add_row("test images", str(summary["num_test"]))
+    if summary.get("already_prepared"):
+        table.title += " (already complete; nothing written)"
+    table.add_row("training images", f"{summary['num_train']:,}")
+    table.add_row("test images", f"{summary['num_test']:,}")
     table.add_row("classes", ", ".join(summary["classes"]))
-    table.add_row("bytes", f"{summary.get('total_bytes', 0):,}")
+    table.add_row("shards", f"{summary['shards']} ({summary.get('reused_shards', 0)} reused)")
+    table.add_row("bytes", f"{summary['bytes']:,}")
     console.print(table)
-    console.print(f"Jobs read it with [bold]data.root: {summary['dest']}[/]")
+    console.print(f"Jobs read it with [bold]data.dataset: cifar10[/] and [bold]data.root: {summary['dest']}[/]")
 
 
 @prepare_app.command("imagenet")

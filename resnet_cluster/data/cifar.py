@@ -1,4 +1,4 @@
-"""CIFAR-10: read the official archive, download it, and prepare Parquet files on any fsspec URI.
+"""CIFAR-10: read the official archive, download it, and prepare it as shards on any fsspec URI.
 
 The official ``cifar-10-python.tar.gz`` holds ``cifar-10-batches-py/`` with five training
 batches of 10,000 images, one test batch and ``batches.meta``. Each batch is a Python 2 pickle of
@@ -7,13 +7,19 @@ a dict whose ``data`` entry is a uint8 array [10000, 3072] in CHW order (1024 re
 ints. Loaded in Python 3 the keys come back as bytes (``b"data"``); pickles re-written by Python 3
 tools have str keys. Both are accepted.
 
-``prepare_cifar10`` turns the archive into the layout that :mod:`resnet_cluster.data.loaders`
-reads::
+``prepare_cifar10`` writes the archive in the shard format of :mod:`resnet_cluster.data.shards`,
+the one ImageNet uses, read by the same streaming reader (:mod:`resnet_cluster.data.streaming`)::
 
-    <dest>/train.parquet   image: fixed_size_binary(3072) CHW uint8, label: int16
-    <dest>/test.parquet    same columns
-    <dest>/mean.npy        float32 [3, 32, 32]: per-pixel mean of the TRAINING images, 0..255
-    <dest>/meta.json       written last; a dest without it is not a prepared dataset
+    <dest>/train/00000.parquet ...  50 shards of 1,000 training images (shuffled once, seed 0)
+    <dest>/test/00000.parquet ...   10 shards of the 10,000 test images, in the official order
+    <dest>/manifest.json            encoding raw (32x32x3 uint8, HWC), per-shard rows, bytes and
+                                    sha256, the classes, the per-pixel training mean [3, 32, 32]
+    <dest>/meta.json                written after the manifest: a pointer to it, for tools that
+                                    look for a prepared CIFAR-10 folder by this name
+
+Images are stored raw: 3,072 bytes each, exact, nothing to decode (see the shards module for
+why not PNG or JPEG). The ``path`` column holds ``train/i`` or ``test/i``, the image's index in
+the official order (data_batch_1..5 concatenated, test_batch).
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import json
 import os
 import pickle
 import posixpath
-import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -35,6 +41,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from resnet_cluster.data.shards import VERSION as SHARDS_VERSION
+from resnet_cluster.data.shards import (
+    build_manifest,
+    check_dest,
+    existing_shard,
+    shard_table,
+    splits_of,
+    write_manifest,
+    write_shard,
+)
 from resnet_cluster.errors import DataError
 from resnet_cluster.fileutil import hash_file
 
@@ -48,8 +64,6 @@ META_BATCH = "batches.meta"
 
 IMAGE_SHAPE = (3, 32, 32)
 IMAGE_BYTES = 3 * 32 * 32  # 3072
-FORMAT_VERSION = 1
-FILES = ("train.parquet", "test.parquet", "mean.npy")  # meta.json is written after these
 
 
 @dataclass
@@ -314,121 +328,120 @@ def download_cifar10(
 
 
 # --------------------------------------------------------------------------------------------
-# Preparing Parquet files on any fsspec URI
+# Preparing shards on any fsspec URI
 # --------------------------------------------------------------------------------------------
 
-
-def _images_table(x: np.ndarray, y: np.ndarray):  # -> pa.Table
-    import pyarrow as pa
-
-    x = np.ascontiguousarray(x, dtype=np.uint8).reshape(-1, IMAGE_BYTES)
-    images = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(IMAGE_BYTES), len(x), [None, pa.py_buffer(x.tobytes())]
-    )
-    labels = pa.array(np.asarray(y, dtype=np.int16), type=pa.int16())
-    return pa.table({"image": images, "label": labels})
+SHARD_IMAGES = 1000  # 3 MB per shard; 50 training shards, 10 test shards
+SHUFFLE_SEED = 0  # fixed: shard contents must not change between a run and its resume
+ENCODING = {"encoding": "raw", "shape": [32, 32, 3], "layout": "HWC uint8"}
+# meta.json, written after manifest.json: the name `data prepare cifar10` has always finished
+# with, which the submit command checks for before it starts Ray.
+_META = {"dataset": "cifar10", "format": 2, "manifest": "manifest.json",
+         "note": "CIFAR-10 in the shard format; manifest.json describes the shards."}
 
 
+def _shard_plan(split: str, x_hwc: np.ndarray, y: np.ndarray, paths: list[str]) -> str:
+    """What a shard holds, as a hash: equal plans mean byte-identical content, so it is reused."""
+    h = hashlib.sha256(json.dumps([SHARDS_VERSION, "cifar10", split, ENCODING]).encode())
+    h.update(np.ascontiguousarray(x_hwc).tobytes())
+    h.update(np.asarray(y, np.int64).tobytes())
+    h.update("\n".join(paths).encode())
+    return h.hexdigest()
 
 
-def write_prepared(
+def _cifar_shard(split: str, x_hwc: np.ndarray, y: np.ndarray, paths: list[str], plan: str):
+    n = len(x_hwc)
+    return shard_table([x_hwc[i].tobytes() for i in range(n)], np.asarray(y, np.int16),
+                       [IMAGE_SHAPE[2]] * n, [IMAGE_SHAPE[1]] * n, paths,
+                       {"plan": plan, "skipped": []})
+
+
+def write_shards(
     arrays: CifarArrays,
     dest: str,
     *,
     source: str,
-    dataset: str = "cifar10",
+    shard_images: int = SHARD_IMAGES,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Write ``arrays`` as the prepared layout under ``dest`` (local path or fsspec URI)."""
-    import fsspec
-    import pyarrow.parquet as pq
+    """Write ``arrays`` under ``dest`` (local path or fsspec URI) as shards + manifest.json.
 
+    Resumable like ImageNet's prepare: each shard lands whole (atomic rename or one PUT) and
+    records a hash of its content; a re-run reuses every shard whose hash matches, and a
+    ``dest`` that already holds a CIFAR-10 prepared from another archive is refused.
+    """
+    if shard_images < 1:
+        raise DataError("--shard-images must be >= 1.")
     say = progress or (lambda _msg: None)
-    fs, root = fsspec.core.url_to_fs(dest)
-    try:
-        fs.makedirs(root, exist_ok=True)
-        meta_path = posixpath.join(root, "meta.json")
-        # A stale meta.json would vouch for files this run is about to replace.
-        if fs.exists(meta_path):
-            fs.rm(meta_path)
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(
-            f"cannot write to dataset destination {dest} ({type(err).__name__}: {err}). Check "
-            "the path or bucket exists and that your credentials allow writing there."
-        ) from err
+    t0 = time.time()
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(arrays.train_x))
+    jobs = []  # (split, rel, images HWC, labels, paths, plan)
+    for split, x, y, idx in (("train", arrays.train_x, arrays.train_y, order),
+                             ("test", arrays.test_x, arrays.test_y, np.arange(len(arrays.test_x)))):
+        for k, start in enumerate(range(0, len(idx), shard_images)):
+            part = idx[start:start + shard_images]
+            xs = np.ascontiguousarray(x[part].transpose(0, 2, 3, 1))  # CHW -> HWC, as stored
+            ys = y[part]
+            paths = [f"{split}/{i:05d}" for i in part.tolist()]
+            jobs.append((split, f"{split}/{k:05d}.parquet", xs, ys, paths,
+                         _shard_plan(split, xs, ys, paths)))
+    plan = hashlib.sha256("\n".join(j[-1] for j in jobs).encode()).hexdigest()
+    old = check_dest(dest, plan, dataset="cifar10")
+    if old is not None:
+        write_manifest(dest, _META, name="meta.json")  # in case a kill came between the two
+        say(f"{dest} already holds this CIFAR-10; nothing written")
+        return {**old["summary"], "dest": dest, "already_prepared": True}
 
-    mean = arrays.train_x.astype(np.float64).mean(axis=0).astype(np.float32)  # [3,32,32], 0..255
-    sizes: dict[str, int] = {}
-    hashes: dict[str, str] = {}
-    tmpdir = Path(tempfile.mkdtemp(prefix="resnet-cluster-prepare-"))
-    try:
+    records = []
+    for n, (split, rel, xs, ys, paths, shard_plan) in enumerate(jobs, start=1):
+        rec = existing_shard(dest, rel, shard_plan)
+        if rec is None:
+            say(f"writing {rel} ({n}/{len(jobs)})")
+            rec = write_shard(dest, rel, _cifar_shard(split, xs, ys, paths, shard_plan))
+        else:
+            say(f"reusing {rel} ({n}/{len(jobs)})")
+        records.append(rec)
 
-        def put(name: str, write: Callable[[Path], None]) -> None:
-            local = tmpdir / name
-            write(local)
-            sizes[name] = local.stat().st_size
-            hashes[name] = hash_file(local)
-            say(f"uploading {name} ({sizes[name] / 1e6:.1f} MB) to {dest}")
-            try:
-                fs.put_file(str(local), posixpath.join(root, name))
-            except Exception as err:
-                raise DataError(
-                    f"could not write {name} to {dest} ({type(err).__name__}: {err}). Check "
-                    "the destination and your credentials, then run prepare again."
-                ) from err
-
-        say(f"writing train.parquet ({len(arrays.train_x)} images)")
-        put(
-            "train.parquet",
-            lambda p: pq.write_table(_images_table(arrays.train_x, arrays.train_y), p),
-        )
-        say(f"writing test.parquet ({len(arrays.test_x)} images)")
-        put(
-            "test.parquet",
-            lambda p: pq.write_table(_images_table(arrays.test_x, arrays.test_y), p),
-        )
-        put("mean.npy", lambda p: np.save(p, mean))
-        meta = {
-            "dataset": dataset,
-            "format": FORMAT_VERSION,
-            "classes": list(arrays.classes),
-            "num_train": int(len(arrays.train_x)),
-            "num_test": int(len(arrays.test_x)),
-            "mean": "mean.npy",
-            "source": source,
-            "sha256": hashes,
-        }
-        put("meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    say(f"prepared {dataset} at {dest}")
-    return {
-        "dataset": dataset,
+    splits = splits_of(records, ("train", "test"))
+    # Per-pixel mean of the training images (paper section 4.2), [3, 32, 32] CHW, 0..255.
+    mean = arrays.train_x.astype(np.float64).mean(axis=0)
+    summary = {
+        "dataset": "cifar10",
         "dest": dest,
-        "num_train": meta["num_train"],
-        "num_test": meta["num_test"],
-        "classes": meta["classes"],
-        "bytes": sizes,
-        "total_bytes": sum(sizes.values()),
+        "classes": list(arrays.classes),
+        "num_train": splits["train"]["num_images"],
+        "num_test": splits["test"]["num_images"],
+        "shards": len(jobs),
+        "reused_shards": sum(r["reused"] for r in records),
+        "bytes": splits["train"]["bytes"] + splits["test"]["bytes"],
+        "seconds": round(time.time() - t0, 3),
     }
+    manifest = build_manifest(
+        dataset="cifar10", source={"archive": source}, image=ENCODING,
+        classes=list(arrays.classes), splits=splits, mean=mean.tolist(), skipped=[], plan=plan,
+        summary=summary)
+    say(f"writing manifest.json to {dest}")
+    write_manifest(dest, manifest)
+    write_manifest(dest, _META, name="meta.json")
+    return summary
 
 
 def prepare_cifar10(
     source: str | None,
     dest: str,
     *,
+    shard_images: int = SHARD_IMAGES,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Turn the CIFAR-10 archive into Parquet files under ``dest``.
+    """Turn the CIFAR-10 archive into shards + manifest.json under ``dest``.
 
     ``source``: a local path to ``cifar-10-python.tar.gz`` (or its extracted folder), an
     http(s) URL, or None for the official URL; downloads go to :func:`default_cache_dir`. The
     md5 is checked for the official URL only, since a mirror may repack the archive (its
     contents are still checked as they are read).
 
-    Returns a summary: dataset, dest, num_train, num_test, classes, bytes per file, total_bytes.
+    Returns a summary: dataset, dest, classes, num_train, num_test, shards, reused_shards,
+    bytes (and already_prepared when ``dest`` held exactly this dataset).
     """
     if source is None:
         source = OFFICIAL_URL
@@ -440,4 +453,5 @@ def prepare_cifar10(
     if progress:
         progress(f"reading {path}")
     arrays = read_cifar10_archive(path)
-    return write_prepared(arrays, dest, source=source, dataset="cifar10", progress=progress)
+    return write_shards(arrays, dest, source=source, shard_images=shard_images,
+                        progress=progress)

@@ -28,10 +28,7 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +36,20 @@ from typing import Callable
 
 import numpy as np
 
-from resnet_cluster.data.shards import FORMAT, MANIFEST, VERSION, url_to_fs
+from resnet_cluster.data.shards import (
+    VERSION,
+    build_manifest,
+    check_dest,
+    existing_shard,
+    shard_table,
+    splits_of,
+    write_manifest,
+    write_shard,
+)
 from resnet_cluster.errors import DataError
-from resnet_cluster.fileutil import hash_file
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 SHUFFLE_SEED = 0  # fixed: the shard contents must not change between a run and its resume
-META_KEY = b"resnet_cluster.shard"
 STATS_SIDE = 64  # about 64x64 pixels per training image feed the mean and PCA (a strided grid)
 
 
@@ -201,19 +205,6 @@ def encode_image(data: bytes, *, max_side: int, quality: int, want_stats: bool):
     return out, img.size[0], img.size[1], stats
 
 
-def put_atomic(fs, local: str, final: str) -> None:
-    """Put a local file at ``final`` so that the final name only ever holds the whole file."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        staged = f"{final}.tmp-{os.getpid()}"
-        shutil.copyfile(local, staged)
-        os.replace(staged, final)  # rename is atomic within one filesystem
-    else:
-        fs.put_file(local, final)  # one PUT: an object appears whole or not at all
-
-
 def _plan_hash(split: str, items: list[Item], max_side: int, quality: int) -> str:
     h = hashlib.sha256(json.dumps([VERSION, split, max_side, quality]).encode())
     for it in items:
@@ -265,51 +256,13 @@ def _write_shard(job: _ShardJob, on_image: Callable[[], None] | None = None) -> 
             on_image()
     meta = {"plan": job.plan, "skipped": skipped,
             "stats": {"sum": s1.tolist(), "outer": s2.tolist(), "count": count}}
-    table = pa.table({
-        "image": pa.array(images, type=pa.binary()),
-        "label": pa.array(labels, type=pa.int16()),
-        "width": pa.array(widths, type=pa.int32()),
-        "height": pa.array(heights, type=pa.int32()),
-        "path": pa.array(paths, type=pa.string()),
-    }).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    fs, base = url_to_fs(job.dest)
-    final = posixpath.join(base, job.rel)
-    tmpdir = tempfile.mkdtemp(prefix="rc-shard-")
-    try:
-        tmp = os.path.join(tmpdir, "shard.parquet")
-        # JPEG bytes do not compress; one row group per shard, read whole by the loader.
-        pq.write_table(table, tmp, compression="none", row_group_size=max(1, len(images)))
-        size, sha = os.path.getsize(tmp), hash_file(tmp)
-        try:
-            put_atomic(fs, tmp, final)
-        except Exception as err:
-            raise DataError(f"could not write {job.rel} to {job.dest} ({type(err).__name__}: "
-                            f"{err}). Check --dest and your credentials, then run prepare again "
-                            "(finished shards are kept).") from err
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return {"path": job.rel, "rows": len(images), "bytes": size, "sha256": sha, **meta,
-            "reused": False}
+    return write_shard(job.dest, job.rel,
+                       shard_table(images, labels, widths, heights, paths, meta))
 
 
 def _existing(job: _ShardJob) -> dict | None:
     """The record of a finished shard already at the final name with the same plan, or None."""
-    import pyarrow.parquet as pq
-
-    fs, base = url_to_fs(job.dest)
-    final = posixpath.join(base, job.rel)
-    try:
-        if not fs.exists(final):
-            return None
-        blob = fs.cat_file(final)
-        md = pq.read_metadata(io.BytesIO(blob))
-        meta = json.loads((md.metadata or {}).get(META_KEY, b"{}"))
-    except Exception:  # unreadable or foreign: write it again
-        return None
-    if meta.get("plan") != job.plan:
-        return None
-    return {"path": job.rel, "rows": md.num_rows, "bytes": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(), **meta, "reused": True}
+    return existing_shard(job.dest, job.rel, job.plan)
 
 
 def _run_job(job: _ShardJob) -> dict:
@@ -354,22 +307,9 @@ def prepare_imagenet(
             part = items[start:start + shard_images]
             jobs.append(_ShardJob(dest, f"{split}/{k:05d}.parquet", split, part,
                                   _plan_hash(split, part, max_side, quality), max_side, quality))
-    fs, base = url_to_fs(dest)
-    manifest_path = posixpath.join(base, MANIFEST)
-    try:
-        if fs.exists(manifest_path):
-            old = json.loads(fs.cat_file(manifest_path))
-            if old.get("plan") == _manifest_plan(jobs):
-                return {**old["summary"], "dest": dest, "already_prepared": True}
-            raise DataError(
-                f"{dest} already holds a prepared dataset made from other inputs or options; it is "
-                "left untouched. Choose another --dest (or delete that one yourself)."
-            )
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(f"could not read --dest {dest} ({type(err).__name__}: {err}). Check the "
-                        "URI and your credentials (AWS_ENDPOINT_URL for a non-AWS S3).") from err
+    old = check_dest(dest, _manifest_plan(jobs), dataset="imagenet")
+    if old is not None:
+        return {**old["summary"], "dest": dest, "already_prepared": True}
 
     total = sum(len(j.items) for j in jobs)
     state = {"images_done": 0, "images_total": total, "shards_done": 0,
@@ -421,12 +361,7 @@ def prepare_imagenet(
     order = np.argsort(eigval)[::-1]
     eigval, eigvec = eigval[order], eigvec[:, order]
     skipped = [s for rec in ordered for s in rec["skipped"]]
-    splits = {}
-    for split in ("train", "val"):
-        shards = [{k: r[k] for k in ("path", "rows", "bytes", "sha256")}
-                  for r in ordered if r["path"].startswith(f"{split}/")]
-        splits[split] = {"num_images": sum(s["rows"] for s in shards),
-                         "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+    splits = splits_of(ordered, ("train", "val"))
     summary = {
         "dataset": "imagenet",
         "dest": dest,
@@ -439,36 +374,17 @@ def prepare_imagenet(
         "skipped": skipped,
         "seconds": round(time.time() - t0, 3),
     }
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dataset": "imagenet",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"train": str(train), "val": str(val), "val_labels": val_labels,
-                   "synsets": synsets},
-        "image": {"encoding": "jpeg", "max_side": max_side, "quality": quality},
-        "classes": classes,
-        "splits": splits,
+    manifest = build_manifest(
+        dataset="imagenet", classes=classes, splits=splits, skipped=skipped, summary=summary,
+        source={"train": str(train), "val": str(val), "val_labels": val_labels, "synsets": synsets},
+        image={"encoding": "jpeg", "max_side": max_side, "quality": quality},
         # Per-channel mean of the training pixels in 0..255; std and PCA in [0, 1] units.
-        "mean": (mu * 255).tolist(),
-        "std": np.sqrt(np.diag(cov)).tolist(),
-        "pca": {"eigval": eigval.tolist(), "eigvec": eigvec.tolist(),
-                "units": "covariance of training RGB in [0,1]; eigvec columns, eigval descending"},
-        "skipped": skipped,
-        "plan": _manifest_plan(jobs),
-        "summary": {k: v for k, v in summary.items() if k not in ("dest", "reused_shards", "seconds")},
-    }
-    tmpdir = tempfile.mkdtemp(prefix="rc-manifest-")
-    try:
-        tmp = os.path.join(tmpdir, MANIFEST)
-        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
-        try:
-            put_atomic(fs, tmp, manifest_path)
-        except Exception as err:
-            raise DataError(f"could not write {MANIFEST} to {dest} ({type(err).__name__}: {err}); "
-                            "run prepare again to finish (every shard is kept).") from err
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        mean=(mu * 255).tolist(),
+        std=np.sqrt(np.diag(cov)).tolist(),
+        pca={"eigval": eigval.tolist(), "eigvec": eigvec.tolist(),
+             "units": "covariance of training RGB in [0,1]; eigvec columns, eigval descending"},
+        plan=_manifest_plan(jobs))
+    write_manifest(dest, manifest)
     return summary
 
 

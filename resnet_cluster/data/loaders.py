@@ -1,162 +1,26 @@
-"""Read a prepared dataset and serve rank-sharded, augmented batches from memory.
+"""The loop's entry point to the data (:func:`build_loaders_for`), and synthetic batches.
 
-CIFAR-10 is 150 MB as uint8, so every worker holds the whole set in memory and batches are
-cut from it by index; there is no DataLoader and no worker processes. Sharding, shuffling and
-augmentation are all decided by seeded ``torch.Generator``s, so a run is reproducible for a
-given (seed, world_size) and every rank agrees on the epoch's permutation without talking.
+Prepared datasets (CIFAR-10 and ImageNet, both in the shard format) stream through
+:class:`resnet_cluster.data.streaming.ShardBatches`. Synthetic CIFAR-shaped data for smoke jobs
+and benchmarks is generated in memory and served by :class:`ImageBatches`: there is nothing to
+read, so there is no DataLoader and no worker processes. Sharding, shuffling and augmentation
+are all decided by seeded ``torch.Generator``s, so a run is reproducible for a given
+(seed, world_size) and every rank agrees on the epoch's permutation without talking.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import posixpath
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from resnet_cluster.data.cifar import FORMAT_VERSION, IMAGE_BYTES, IMAGE_SHAPE, CifarArrays
+from resnet_cluster.data.transforms import CIFAR_PAD, crop_flip
 from resnet_cluster.errors import DataError
 
-DATASETS = ("cifar10", "synthetic")
+DATASETS = ("cifar10", "synthetic", "imagenet")
 AUGMENTS = ("paper", "none")
-PAD = 4  # paper §4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly sampled"
-
-
-# --------------------------------------------------------------------------------------------
-# Reading what prepare wrote
-# --------------------------------------------------------------------------------------------
-
-
-def _read_bytes(fs, path: str, root: str, name: str) -> bytes:
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError as err:
-        raise DataError(
-            f"the prepared dataset at {root} is incomplete: {name} is missing although "
-            f"meta.json lists it. Run `resnet-cluster data prepare cifar10 --dest {root}` again."
-        ) from err
-    except Exception as err:
-        raise DataError(
-            f"could not read {name} from {root} ({type(err).__name__}: {err}). Check data.root "
-            "and that your credentials allow reading it."
-        ) from err
-
-
-def _read_split(blob: bytes, root: str, name: str, expected: int) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(pa.BufferReader(blob))
-    except Exception as err:
-        raise DataError(
-            f"{root}/{name} is not a readable Parquet file ({err}). Run `resnet-cluster data "
-            f"prepare cifar10 --dest {root}` again."
-        ) from err
-    if table.column_names[:2] != ["image", "label"] or table.schema.field(
-        "image"
-    ).type != pa.binary(IMAGE_BYTES):
-        raise DataError(
-            f"{root}/{name} has schema {table.schema}, expected image: "
-            f"fixed_size_binary({IMAGE_BYTES}) and label: int16. It was not written by "
-            f"`resnet-cluster data prepare`; run `resnet-cluster data prepare cifar10 --dest "
-            f"{root}` again."
-        )
-    if table.num_rows != expected:
-        raise DataError(
-            f"{root}/{name} has {table.num_rows} rows but meta.json says {expected}; the "
-            f"dataset is inconsistent. Run `resnet-cluster data prepare cifar10 --dest {root}` "
-            "again."
-        )
-    images = table.column("image").combine_chunks()
-    buf = images.buffers()[1]
-    x = np.frombuffer(buf, dtype=np.uint8, count=len(images) * IMAGE_BYTES,
-                      offset=images.offset * IMAGE_BYTES)
-    x = x.reshape(-1, *IMAGE_SHAPE).copy()  # own the memory; the Arrow buffer is then freed
-    y = table.column("label").to_numpy().astype(np.int64)
-    return x, y
-
-
-def load_cifar10(root: str) -> tuple[CifarArrays, np.ndarray]:
-    """Load the dataset that ``prepare_cifar10`` wrote under ``root`` (local path or fsspec URI).
-
-    Returns the arrays and the float32 [3, 32, 32] per-pixel training mean in 0..255 units. Each
-    file is checked against the sha256 recorded in meta.json.
-    """
-    import hashlib
-
-    import fsspec
-
-    fs, base = fsspec.core.url_to_fs(root)
-    meta_path = posixpath.join(base, "meta.json")
-    try:
-        raw = fs.cat_file(meta_path)
-    except FileNotFoundError as err:
-        raise DataError(
-            f"no prepared CIFAR-10 dataset at {root} (data.root): meta.json is missing. Run "
-            f"`resnet-cluster data prepare cifar10 --dest {root}` to download and prepare it "
-            "there (add `--source PATH` to use an archive you already have), or point "
-            "data.root at the folder or URI where you prepared it. A folder without meta.json "
-            "may hold an interrupted prepare."
-        ) from err
-    except Exception as err:
-        raise DataError(
-            f"could not read {root}/meta.json ({type(err).__name__}: {err}). Check data.root "
-            "and that your credentials allow reading it."
-        ) from err
-    try:
-        meta = json.loads(raw)
-        ok = isinstance(meta, dict)
-    except ValueError:
-        ok = False
-    if not ok or meta.get("format") != FORMAT_VERSION or meta.get("dataset") != "cifar10":
-        found = (meta.get("dataset"), meta.get("format")) if ok else "unparseable JSON"
-        raise DataError(
-            f"{root}/meta.json does not describe a CIFAR-10 dataset in format {FORMAT_VERSION} "
-            f"(found {found}). Run `resnet-cluster data prepare cifar10 --dest {root}` again "
-            "with this version of resnet-cluster."
-        )
-    hashes = meta.get("sha256", {})
-    blobs = {}
-    for name in ("train.parquet", "test.parquet", meta.get("mean", "mean.npy")):
-        blob = _read_bytes(fs, posixpath.join(base, name), root, name)
-        want = hashes.get(name)
-        if want is not None and hashlib.sha256(blob).hexdigest() != want:
-            raise DataError(
-                f"{root}/{name} does not match the sha256 in meta.json; it was changed or only "
-                f"partly written after prepare. Run `resnet-cluster data prepare cifar10 --dest "
-                f"{root}` again."
-            )
-        blobs[name] = blob
-    train_x, train_y = _read_split(blobs["train.parquet"], root, "train.parquet",
-                                   meta.get("num_train", -1))
-    test_x, test_y = _read_split(blobs["test.parquet"], root, "test.parquet",
-                                 meta.get("num_test", -1))
-    try:
-        mean = np.load(io.BytesIO(blobs[meta.get("mean", "mean.npy")]), allow_pickle=False)
-    except Exception as err:
-        raise DataError(
-            f"{root}/mean.npy is not a numpy file ({err}). Run `resnet-cluster data prepare "
-            f"cifar10 --dest {root}` again."
-        ) from err
-    if mean.shape != IMAGE_SHAPE:
-        raise DataError(
-            f"{root}/mean.npy has shape {list(mean.shape)}, expected {list(IMAGE_SHAPE)}. Run "
-            f"`resnet-cluster data prepare cifar10 --dest {root}` again."
-        )
-    classes = [str(c) for c in meta.get("classes", [])]
-    for split, y in (("train", train_y), ("test", test_y)):
-        if y.size and (y.min() < 0 or y.max() >= len(classes)):
-            raise DataError(
-                f"{root}/{split}.parquet has labels outside 0..{len(classes) - 1} (meta.json "
-                f"names {len(classes)} classes). Run `resnet-cluster data prepare cifar10 "
-                f"--dest {root}` again."
-            )
-    arrays = CifarArrays(train_x, train_y, test_x, test_y, classes)
-    return arrays, mean.astype(np.float32)
+PAD = CIFAR_PAD
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,17 +37,10 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD
     then b flip coins, so results are reproducible for a seeded generator on any device.
     ``x`` is expected already normalised, so zero padding equals padding with the mean image.
     """
-    b, c, h, w = x.shape
+    b = x.shape[0]
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)  # [b, (dy, dx)]
     flip = torch.rand(b, generator=generator) < 0.5
-    offsets, flip = offsets.to(x.device), flip.to(x.device)
-    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # [b, h+2p, w+2p, c]
-    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [b, h]
-    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [b, w]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads columns backwards
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    out = padded[batch, rows[:, :, None], cols[:, None, :]]  # [b, h, w, c]
-    return out.permute(0, 3, 1, 2).contiguous()
+    return crop_flip(x, offsets, flip, pad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +161,8 @@ class ImageBatches:
             yield x, yb
 
 
-def build_loaders(
+def build_synthetic_loaders(
     *,
-    dataset: str,
-    root: str,
     augment: str,
     batch_size: int,
     rank: int,
@@ -317,27 +172,18 @@ def build_loaders(
     synthetic_test: int = 512,
     device: str | torch.device = "cpu",
 ) -> tuple[ImageBatches, ImageBatches, dict]:
-    """Build this rank's train and test batches.
+    """This rank's train and test :class:`ImageBatches` of synthetic CIFAR-shaped data.
 
-    ``dataset``: "cifar10" (read from ``root``, written by ``data prepare``) or "synthetic"
-    (:func:`make_synthetic`, fixed data seed 0 so runs with different seeds see the same
-    data; ``root`` is ignored). ``augment``: "paper" (pad 4, random crop, flip) or "none".
-    Returns (train, test, info) with info = {num_train, num_test, classes}.
+    :func:`make_synthetic` with the fixed data seed 0, so runs with different seeds see the same
+    data. ``augment``: "paper" (pad 4, random crop, flip) or "none". Returns (train, test, info)
+    with info = {num_train, num_test, classes}.
     """
+    from resnet_cluster.data.synthetic import make_synthetic
+
     if augment not in AUGMENTS:
         raise DataError(f"data.augment is {augment!r}; choose one of {list(AUGMENTS)}.")
-    if dataset == "cifar10":
-        arrays, mean = load_cifar10(root)
-    elif dataset == "synthetic":
-        from resnet_cluster.data.synthetic import make_synthetic
-
-        arrays = make_synthetic(synthetic_train, synthetic_test, seed=0)
-        mean = arrays.train_x.astype(np.float32).mean(axis=0)
-    else:
-        raise DataError(
-            f"data.dataset is {dataset!r}; build_loaders serves {list(DATASETS)}. Check "
-            "data.dataset in the job file."
-        )
+    arrays = make_synthetic(synthetic_train, synthetic_test, seed=0)
+    mean = arrays.train_x.astype(np.float32).mean(axis=0)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                   mean=torch.from_numpy(mean), device=device)
     train = ImageBatches(torch.from_numpy(arrays.train_x), torch.from_numpy(arrays.train_y),
@@ -349,31 +195,31 @@ def build_loaders(
     return train, test, info
 
 
-def build_loaders_for(
-    cfg, *, rank: int, world_size: int, device: str | torch.device = "cpu"
-) -> tuple[ImageBatches, ImageBatches, dict]:
+def build_loaders_for(cfg, *, rank: int, world_size: int, device: str | torch.device = "cpu"):
     """The loop's entry point: this rank's (train, test, info) for a JobConfig.
 
     The training loop calls only this, so the data package decides which job keys it reads.
-    ``data.dataset: imagenet`` streams shards (:mod:`resnet_cluster.data.streaming`).
+    ``cifar10`` and ``imagenet`` stream shards from ``data.root``
+    (:func:`resnet_cluster.data.streaming.build_shard_loaders`); ``synthetic`` is generated.
     """
-    if cfg.data.dataset == "imagenet":
-        from resnet_cluster.data.streaming import build_imagenet_loaders
+    if cfg.data.dataset in ("cifar10", "synthetic"):
+        if cfg.data.augment == "inception":
+            raise DataError(
+                "data.augment inception is the ImageNet random-resized crop; CIFAR-10 and "
+                "synthetic data use paper (pad 4, random crop, flip) or none."
+            )
+        if cfg.eval.protocol != "1crop":
+            raise DataError(
+                f"eval.protocol {cfg.eval.protocol!r} needs ImageNet-sized images; CIFAR is "
+                "tested on the single original 32x32 view. Use eval.protocol: 1crop (the default)."
+            )
+    if cfg.data.dataset in ("cifar10", "imagenet"):
+        from resnet_cluster.data.streaming import build_shard_loaders
 
-        return build_imagenet_loaders(cfg, rank=rank, world_size=world_size, device=device)
-    if cfg.data.augment == "inception":
-        raise DataError(
-            "data.augment inception is the ImageNet random-resized crop; CIFAR-10 and synthetic "
-            "data use paper (pad 4, random crop, flip) or none."
-        )
-    if cfg.data.dataset in ("cifar10", "synthetic") and cfg.eval.protocol != "1crop":
-        raise DataError(
-            f"eval.protocol {cfg.eval.protocol!r} needs ImageNet-sized images; CIFAR is tested on "
-            "the single original 32x32 view. Use eval.protocol: 1crop (the default)."
-        )
-    return build_loaders(
-        dataset=cfg.data.dataset,
-        root=cfg.data.root,
+        return build_shard_loaders(cfg, rank=rank, world_size=world_size, device=device)
+    if cfg.data.dataset != "synthetic":
+        raise DataError(f"data.dataset is {cfg.data.dataset!r}; choose one of {list(DATASETS)}.")
+    return build_synthetic_loaders(
         augment=cfg.data.augment,
         batch_size=cfg.per_worker_batch,
         rank=rank,

@@ -1,8 +1,11 @@
-"""Decode a JPEG and produce the paper's training crops and the evaluation views, on uint8 HWC.
+"""Decode a JPEG and produce the paper's training crops and the evaluation views, on uint8 HWC;
+and the CIFAR-10 pad-and-crop, drawn per image and applied on the device.
 
-Everything here works on one encoded image and returns uint8 numpy arrays (HWC, RGB), so the
+The JPEG functions work on one encoded image and return uint8 numpy arrays (HWC, RGB), so the
 DataLoader workers send 1 byte per value and the float conversion, mean subtraction and PCA
 lighting happen once per batch on the target device (:mod:`resnet_cluster.data.streaming`).
+CIFAR-10's augmentation pads the mean-subtracted image with zeros (= the mean), so it runs after
+normalisation, on the device: the workers only draw its offsets (:func:`pad_crop_params`).
 
 Speed (REFERENCE.md section 5: one core decodes about 300-470 640x480 JPEGs/s with PIL):
 
@@ -23,8 +26,11 @@ import io
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+CIFAR_PAD = 4  # paper section 4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly sampled"
 CROP = 224  # paper section 3.4: "a 224x224 crop is randomly sampled"
 PAPER_SCALE = (256, 480)  # paper section 3.4 (from [41]): shorter side sampled in [256, 480]
 EVAL_SIZE = 256  # 1-crop / 10-crop: shorter side 256, then 224 crops
@@ -184,3 +190,52 @@ def lighting_shift(rng: np.random.Generator, eigval: np.ndarray, eigvec: np.ndar
         return np.zeros(3, np.float32)
     alpha = rng.normal(0.0, std, size=3)
     return (eigvec @ (alpha * eigval)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10: pad 4, random 32x32 crop, horizontal flip (paper section 4.2)
+# --------------------------------------------------------------------------------------------
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a well-mixed bijection."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def pad_crop_params(seed: int, epoch: int, ids: np.ndarray, pad: int = CIFAR_PAD) -> np.ndarray:
+    """int64 [B, 3]: (dy, dx, flip) for each image id, dy and dx in 0..2*pad, flip in {0, 1}.
+
+    A hash of (seed, epoch, image id), so an image's crop depends on nothing else (not the rank,
+    worker or batch), like the per-image generators of the ImageNet crops, but for a whole batch
+    in a few numpy operations (a generator per 32x32 image would cost more than the crop).
+    """
+    key = np.random.SeedSequence([int(seed), int(epoch), 0xC1FA]).generate_state(1, np.uint64)
+    h = _mix64(np.asarray(ids, np.int64).astype(np.uint64) ^ key[0])
+    span = np.uint64(2 * pad + 1)
+    out = np.empty((len(h), 3), np.int64)
+    out[:, 0] = h % span
+    out[:, 1] = (h // span) % span
+    out[:, 2] = (h // (span * span)) % np.uint64(2)
+    return out
+
+
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
+              pad: int = CIFAR_PAD) -> torch.Tensor:
+    """Zero-pad ``x`` [b, c, h, w] by ``pad`` on each side, cut the h x w crop at ``offsets``
+    [b, (dy, dx)] and mirror it where ``flip`` [b] is true.
+
+    ``x`` is expected mean-subtracted, so zero padding pads with the mean. One gather with
+    per-image row/column index grids, no per-image loop; runs on x's device.
+    """
+    b, c, h, w = x.shape
+    offsets, flip = offsets.to(x.device), flip.to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # [b, h+2p, w+2p, c]
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [b, h]
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [b, w]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads columns backwards
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded[batch, rows[:, :, None], cols[:, None, :]]  # [b, h, w, c]
+    return out.permute(0, 3, 1, 2).contiguous()
