@@ -225,6 +225,17 @@ class CheckpointConfig(_Section):
 
 class FailureSection(_Section):
     max_failures: int = Field(0, ge=-1)  # -1: retry forever, as in Ray's FailureConfig
+    # Seconds one start or restart of the worker group may wait for its resources (a lost
+    # node's replacement, nodes an autoscaler adds) before the run fails; -1: wait forever
+    # (Ray Train's own default, retrying every 60 s).
+    start_timeout_s: float = 900.0
+
+    @field_validator("start_timeout_s")
+    @classmethod
+    def _positive_or_forever(cls, v: float) -> float:
+        if v != -1 and v <= 0:
+            raise ValueError("must be a number of seconds above 0, or -1 to wait forever")
+        return v
 
 
 class PrecisionConfig(_Section):

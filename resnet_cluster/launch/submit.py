@@ -24,8 +24,8 @@ from resnet_cluster.artifacts.run import RunWriter
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
-from resnet_cluster.launch import cluster
-from resnet_cluster.launch.trainer import build_trainer, scaling_plan
+from resnet_cluster.launch import cluster, failures
+from resnet_cluster.launch.trainer import build_trainer, scaling_plan, start_timeout_env
 
 
 class RunFailed(Exception):
@@ -182,6 +182,7 @@ def submit(
     import ray
     from ray.util.queue import Queue
 
+    nodes_before = failures.alive_nodes()  # to name the nodes a failed run lost
     progress_q = Queue(actor_options={"num_cpus": 0}) if on_progress else None
     stop = threading.Event()
 
@@ -204,15 +205,19 @@ def submit(
         trainer = build_trainer(
             cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q, callbacks=callbacks
         )
-        trainer.fit()
+        with start_timeout_env(cfg):
+            trainer.fit()
     except (KeyboardInterrupt, SystemExit):
         # Ray Train's own SIGINT handler aborts the controller and may exit via SystemExit.
         writer.event("stopped", submission=submission, reason="interrupted (Ctrl-C)")
         raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=store.run_uri(run_id)) from None
     except Exception as e:
         user = _user_error_in(e)
-        msg = str(user) if user else _first_lines(e)
-        writer.event("failed", submission=submission, error=msg)
+        explained = None if user else failures.explain(
+            e, cfg, store, run_id, nodes_before=nodes_before, nodes_now=failures.alive_nodes()
+        )
+        cause, msg = explained or (None, str(user) if user else _first_lines(e))
+        writer.event("failed", submission=submission, error=msg, **({"cause": cause} if cause else {}))
         if user:
             raise user from None
         raise RunFailed(msg, run_id=run_id, uri=store.run_uri(run_id)) from e
@@ -267,20 +272,7 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _user_error_in(e: BaseException) -> UserError | None:
     """A UserError raised inside a worker arrives wrapped; dig it out."""
-    seen = set()
-    stack = [e]
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen or cur is None:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, UserError):
-            return cur
-        stack.extend([cur.__cause__, cur.__context__, getattr(cur, "cause", None)])
-        stack.extend(getattr(cur, "worker_failures", {}).values())
-        if getattr(cur, "controller_failure", None) is not None:
-            stack.append(cur.controller_failure)
-    return None
+    return next((x for x in failures.causes(e) if isinstance(x, UserError)), None)
 
 
 def _first_lines(e: BaseException, n: int = 12) -> str:

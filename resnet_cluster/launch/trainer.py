@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
 
 CHECKPOINTS_DIR = "checkpoints"  # Ray Train's run folder, inside the run: runs/<id>/checkpoints
+# How long Ray Train's controller waits for a worker group's placement group; the driver's
+# value travels to the controller (Ray Train propagates it), default 60 s.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def scaling_plan(cfg: JobConfig) -> dict[str, Any]:
@@ -49,6 +55,37 @@ def ray_storage(store: ArtifactStore, run_id: str) -> tuple[str, Any]:
     return path, pyarrow_filesystem(store)
 
 
+def failure_config(cfg: JobConfig):
+    """Ray Train's FailureConfig for the job.
+
+    ``max_failures`` counts failures of a running worker group (a crashed worker, a lost node).
+    A (re)start that cannot get its resources is a "controller failure" to Ray Train, retried
+    every 60 s forever by default; with ``failure.start_timeout_s`` set, the one wait is that
+    long (see :func:`start_timeout_env`) and is not retried, so the run fails instead of hanging.
+    """
+    from ray.train import FailureConfig
+
+    bounded = cfg.failure.start_timeout_s != -1
+    return FailureConfig(max_failures=cfg.failure.max_failures, controller_failure_limit=0 if bounded else -1)
+
+
+@contextmanager
+def start_timeout_env(cfg: JobConfig) -> Iterator[None]:
+    """Set Ray Train's worker-group start timeout in this (driver) process around ``fit()``."""
+    if cfg.failure.start_timeout_s == -1:
+        yield
+        return
+    old = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{cfg.failure.start_timeout_s:g}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = old
+
+
 def build_trainer(
     cfg: JobConfig,
     *,
@@ -58,7 +95,7 @@ def build_trainer(
     progress_queue: Any = None,
     callbacks: list[Any] | None = None,
 ):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from resnet_cluster.worker import train_loop_per_worker
@@ -86,7 +123,7 @@ def build_trainer(
             name=CHECKPOINTS_DIR,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            failure_config=failure_config(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
         ),
