@@ -50,11 +50,16 @@ class RayNode:
             self.gcs, self.dashboard = head_gcs, None
             args += [f"--address={head_gcs}"]
         self.log = open(log, "w")
+        self.killed = False
         self.proc = subprocess.Popen(args, env=base_env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # fmt: skip
 
     def kill(self) -> None:
-        """Stop this node: SIGTERM to `ray start` and every process it started, SIGKILL after 20 s."""
+        """Stop this node: SIGTERM to `ray start` and every process it started, SIGKILL after 20 s.
+        Only the first call acts (a second would signal PIDs that may have been reused)."""
+        if self.killed:
+            return
+        self.killed = True
         procs = [self.proc.pid, *descendants(self.proc.pid)]
         _signal_all(procs, signal.SIGTERM)
         deadline = time.time() + 20
