@@ -135,3 +135,23 @@ def test_a_start_without_resources_is_explained_even_before_any_checkpoint(tmp_p
     assert msg.startswith("The cluster could not place the 4 workers (CPU 1 each, placement STRICT_SPREAD)")
     assert "start_timeout_s (300 s)." in msg and "left the cluster" not in msg
     assert "No checkpoint had been reported yet" in msg and "--name r1" in msg
+
+
+def test_resume_accepts_a_run_recorded_before_a_key_existed_and_refuses_another_job(tmp_path):
+    import yaml
+
+    from resnet_cluster.artifacts import layout
+    from resnet_cluster.errors import StoreError
+    from resnet_cluster.launch.submit import prepare_run
+
+    store = ArtifactStore(tmp_path / "store")
+    cfg = config.load(SMOKE, [f"artifacts.store={tmp_path / 'store'}"])
+    assert prepare_run(cfg, store, "r1", provenance=("c\n", "")) is False
+    # The run was recorded by a version without failure.start_timeout_s: the default applies.
+    old = yaml.safe_load(store.read_text("r1", layout.CONFIG))
+    del old["failure"]["start_timeout_s"]
+    store.write_text("r1", layout.CONFIG, yaml.safe_dump(old))
+    assert prepare_run(cfg, store, "r1") is True
+    other = config.load(SMOKE, [f"artifacts.store={tmp_path / 'store'}", "optim.lr=0.05"])
+    with pytest.raises(StoreError, match="differs in: optim.lr"):
+        prepare_run(other, store, "r1")

@@ -22,7 +22,7 @@ from resnet_cluster.artifacts.manifest import write_manifest
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.run import RunWriter
 from resnet_cluster.artifacts.store import ArtifactStore
-from resnet_cluster.config import JobConfig
+from resnet_cluster.config import JobConfig, from_dict
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
 from resnet_cluster.launch import cluster, failures
 from resnet_cluster.launch.trainer import build_trainer, scaling_plan, start_timeout_env
@@ -120,6 +120,10 @@ def prepare_run(
                 "resume. Choose another --name, or leave --name out for a fresh run id."
             )
         old = yaml.safe_load(store.read_text(run_id, layout.CONFIG))
+        try:  # a key added to JobConfig since the run started takes its default, as it did then
+            old = from_dict(old, source=f"run {run_id}").to_dict()
+        except (UserError, TypeError):
+            pass  # not a job this version can read: compared as it is, and reported as different
         new = cfg.to_dict()
         if old != new:
             diff = _diff_keys(old, new)
