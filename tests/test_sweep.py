@@ -315,3 +315,15 @@ def test_sweep_record_is_create_only(tmp_path):
         runner.save(store, sw, ("c\n", ""))
     assert (tmp_path / "store" / "sweeps" / "b-1" / "sweep.json").read_bytes() == before
     assert yaml.safe_load((tmp_path / "store" / "sweeps" / "b-1" / "sweep.yaml").read_text())["name"] == "bn_momentum"
+
+
+def test_concurrency_is_capped_by_what_fits_unless_remote_trials_wait_forever(tmp_path):
+    sw = load_sweep("depth", seeds=2, sweep_id="d-1", overrides=[f"artifacts.store={tmp_path}"])
+    meta = sw.as_dict()  # 10 trials, max_concurrent 16, each 0.25 GPU + 2 CPUs
+    cluster = {"CPU": 16.0, "GPU": 2.0}
+    assert runner.concurrency(meta, 10, {"local": True, "resources": cluster}) == 8  # 2 GPUs / 0.25
+    assert runner.concurrency(meta, 10, {"local": True, "resources": {"CPU": 6.0, "GPU": 2.0}}) == 3
+    assert runner.concurrency(meta, 10, {"local": False, "resources": {"CPU": 2.0}}) == 1  # 0 GPUs now
+    waits = load_sweep("depth", seeds=2, sweep_id="d-2", overrides=[f"artifacts.store={tmp_path}", "failure.start_timeout_s=-1"])
+    assert runner.concurrency(waits.as_dict(), 10, {"local": False, "resources": {"CPU": 2.0}}) == 10
+    assert runner.concurrency(waits.as_dict(), 10, {"local": True, "resources": {"CPU": 2.0}}) == 1

@@ -109,10 +109,16 @@ def _epochs(cfg: JobConfig) -> int:
 
 
 def concurrency(meta: dict[str, Any], pending: int, info: dict[str, Any]) -> int:
-    """Trials at once: the sweep's max_concurrent, and on a local cluster no more than fit."""
+    """Trials at once: the sweep's max_concurrent, and no more than the cluster holds now.
+
+    A trial that waits for resources fails after ``failure.start_timeout_s`` (900 s by default),
+    so trials are not started beyond what fits, except on a remote cluster whose jobs wait
+    forever (``failure.start_timeout_s: -1``): there the waiting trials are what asks an
+    autoscaler for nodes.
+    """
     cfg = _first_cfg(meta)
     limit = meta.get("max_concurrent") or pending
-    if info["local"]:
+    if info["local"] or cfg.failure.start_timeout_s != -1:
         have = info["resources"]
         need = {"CPU": cfg.scaling.cpus_per_worker * cfg.scaling.workers}
         if cfg.scaling.use_gpu:
