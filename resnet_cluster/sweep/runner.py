@@ -230,6 +230,9 @@ def run(
             max_t=max_t,
             grace_period=max(1, max_t // 10),
             reduction_factor=3,
+            # Never stop a trial at its last epoch: that report comes while the run is writing
+            # its model and manifest. Rungs lie below max_t, at earlier epochs.
+            stop_last_trials=False,
         )
     elif scheduler not in (None, "none", "fifo"):
         raise ConfigError(f"--scheduler {scheduler!r}: use asha (early stopping) or leave it out (full runs).")
