@@ -4,7 +4,7 @@ Builds an ImageNet-like folder from the natural photographs scikit-learn and sci
 (random crops of china, flower, astronaut, coffee, chelsea, rocket, ..., re-encoded as JPEG
 quality 90 at ImageNet's usual sizes, see SIZES), prepares it with ``prepare_imagenet``
 (shorter side <= 480), and times three readers in ONE process with ``torch.set_num_threads(1)``
-(so images/s is per core), interleaved over several rounds:
+(so images/s is per core), interleaved over several rounds (the order rotates every round):
 
 - baseline: what torchvision's ImageFolder + Resize(S) + RandomCrop(224) + flip + ToTensor +
   Normalize does: open each file, full PIL decode, resize the whole image, crop, float tensor;
@@ -12,10 +12,22 @@ quality 90 at ImageNet's usual sizes, see SIZES), prepares it with ``prepare_ima
   DataLoader worker runs), paper augmentation, lighting and mean subtraction;
 - s3: the same from a moto S3 server (a separate process on 127.0.0.1).
 
-Optionally (``--ray-data``) also Ray Data's ``read_parquet().map_batches(decode+augment)`` vs a
-DataLoader with the same number of worker processes, both over all cores.
+Each shard reader is built once and serves one epoch per round (``set_epoch(round)``), as in
+training, so its storage client is built once; the untimed first pass (client, connection,
+page cache) is reported separately as ``first_pass_s``. Besides wall-clock images/s, each
+reader's CPU seconds per image in this process are recorded (``time.process_time``: not
+charged for waiting, nor for the moto server's own process), and the 1-minute load average.
 
-    python benchmarks/data.py --images 400 --rounds 3 [--ray-data] [--json]
+Optionally ``--loader-workers N`` also times local vs S3 with N persistent DataLoader worker
+processes (the training configuration, all cores), and ``--ray-data`` Ray Data's
+``read_parquet().map_batches(decode+augment)`` vs a DataLoader with as many processes.
+
+``--cifar N`` also times CIFAR-10-shaped shards (N random 32x32 images written by the CIFAR
+prepare, raw encoding): training epochs with the paper's pad-crop-flip, batch 128, read in the
+training process (``loader_workers: 0``) against 2 DataLoader workers, from disk and from S3.
+
+    python benchmarks/data.py --images 400 --rounds 7 [--loader-workers 2] [--cifar 50000]
+                              [--ray-data] [--json]
 """
 
 from __future__ import annotations
@@ -108,17 +120,21 @@ def baseline_pass(files: list[Path], batch: int, seed: int) -> int:
     return n
 
 
-def shards_pass(root: str, batch: int, epoch: int, workers: int = 0) -> int:
+def shard_reader(root: str, batch: int, workers: int = 0):
     from resnet_cluster.data.shards import Split, read_manifest
     from resnet_cluster.data.streaming import ShardBatches
 
     m = read_manifest(root)
-    ld = ShardBatches(Split.from_manifest(root, m, "train"), batch_size=batch, rank=0,
-                      world_size=1, seed=0, train=True, augment="paper", mean=m["mean"],
-                      eigval=m["pca"]["eigval"], eigvec=m["pca"]["eigvec"],
-                      loader_workers=workers, shuffle_shards=2)
-    ld.set_epoch(epoch)
-    return sum(len(y) for _, y in ld)
+    return ShardBatches(Split.from_manifest(root, m, "train"), batch_size=batch, rank=0,
+                        world_size=1, seed=0, train=True, augment="paper", mean=m["mean"],
+                        eigval=m["pca"]["eigval"], eigvec=m["pca"]["eigvec"],
+                        loader_workers=workers, shuffle_shards=2)
+
+
+def shards_pass(reader, epoch: int) -> int:
+    """One epoch of an existing reader (its storage client and worker processes are reused)."""
+    reader.set_epoch(epoch)
+    return sum(len(y) for _, y in reader)
 
 
 def ray_data_pass(root: str, batch: int, cpus: int) -> tuple[int, float]:
@@ -140,10 +156,47 @@ def ray_data_pass(root: str, batch: int, cpus: int) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
-def timed(fn, *a, **k) -> float:
-    t = time.perf_counter()
+def timed(fn, *a, **k) -> tuple[float, float]:
+    """(images per wall-clock second, CPU seconds of this process per image) of one call."""
+    t, c = time.perf_counter(), time.process_time()
     n = fn(*a, **k)
-    return n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t), (time.process_time() - c) / n
+
+
+def cifar_epochs(work: Path, s3_root: str, n: int, rounds: int, say) -> dict:
+    """CIFAR-shaped shards: images/s of training epochs, in-process vs 2 DataLoader workers."""
+    from resnet_cluster.data.cifar import CifarArrays, write_shards
+    from resnet_cluster.data.shards import Split, read_manifest
+    from resnet_cluster.data.streaming import ShardBatches
+
+    rng = np.random.default_rng(0)
+    arrays = CifarArrays(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                         rng.integers(0, 10, n), np.zeros((0, 3, 32, 32), np.uint8),
+                         np.zeros(0, np.int64), [f"c{i}" for i in range(10)])
+    local = str(work / "cifar")
+    write_shards(arrays, local, source="random")
+    write_shards(arrays, s3_root, source="random")
+    readers = {}
+    for where, root in (("local", local), ("s3", s3_root)):
+        m = read_manifest(root, "cifar10")
+        for workers in (0, 2):
+            readers[f"{where}_w{workers}"] = ShardBatches(
+                Split.from_manifest(root, m, "train"), batch_size=128, rank=0, world_size=1,
+                seed=0, train=True, augment="paper", mean=m["mean"], loader_workers=workers)
+    for rd in readers.values():
+        shards_pass(rd, 1000)  # untimed: client, worker processes
+    rows = []
+    for r in range(rounds):
+        row = {"load_1min": round(os.getloadavg()[0], 2)}
+        names = list(readers)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            row[name] = timed(shards_pass, readers[name], r)[0]
+        rows.append(row)
+        say(f"cifar round {r}: " + "  ".join(f"{k} {v:.0f}" for k, v in row.items()))
+    for rd in readers.values():
+        rd.close()
+    return {"images": n, "batch": 128, "rounds": rows,
+            "median_img_s": {k: float(np.median([row[k] for row in rows])) for k in readers}}
 
 
 def loadavg() -> str:
@@ -153,8 +206,12 @@ def loadavg() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=400)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--loader-workers", type=int, default=0,
+                    help="also time local vs S3 with this many DataLoader worker processes")
+    ap.add_argument("--cifar", type=int, default=0, metavar="N",
+                    help="also time N CIFAR-shaped images: in-process vs DataLoader workers")
     ap.add_argument("--ray-data", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -185,7 +242,7 @@ def main() -> None:
                           AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
         import boto3
 
-        for _ in range(100):
+        for _ in range(600):
             try:
                 boto3.client("s3").create_bucket(Bucket="bench")
                 break
@@ -197,31 +254,80 @@ def main() -> None:
         fs = fsspec.filesystem("s3")
         fs.put(local + "/", s3, recursive=True)
 
+        readers = {"shards": shard_reader(local, args.batch), "s3": shard_reader(s3, args.batch)}
+        first = {}
+        for name, rd in readers.items():  # untimed in the rounds: client, connection, caches
+            t = time.perf_counter()
+            shards_pass(rd, 1000)
+            first[name] = round(time.perf_counter() - t, 3)
+        runs = {"baseline": lambda r: timed(baseline_pass, files, args.batch, r),
+                "shards": lambda r: timed(shards_pass, readers["shards"], r),
+                "s3": lambda r: timed(shards_pass, readers["s3"], r)}
+        names = list(runs)
         rows = []
         for r in range(args.rounds):
-            row = {"round": r, "load": loadavg()}
-            row["baseline"] = timed(baseline_pass, files, args.batch, r)
-            row["shards"] = timed(shards_pass, local, args.batch, r)
-            row["s3"] = timed(shards_pass, s3, args.batch, r)
+            row = {"round": r, "load_1min": round(os.getloadavg()[0], 2)}
+            for name in names[r % 3:] + names[:r % 3]:  # rotate the order every round
+                row[name], row[f"{name}_cpu_ms"] = runs[name](r)
+                row[f"{name}_cpu_ms"] *= 1000
+            row["shards_over_baseline"] = row["shards"] / row["baseline"]
+            row["s3_over_local"] = row["s3"] / row["shards"]
             rows.append(row)
             if not args.json:
                 print(f"round {r}: baseline {row['baseline']:.0f}  shards {row['shards']:.0f}  "
-                      f"s3 {row['s3']:.0f} img/s/core  (load {row['load']})", flush=True)
-        med = {k: float(np.median([row[k] for row in rows])) for k in ("baseline", "shards", "s3")}
+                      f"s3 {row['s3']:.0f} img/s/core  ({row['shards_over_baseline']:.2f}x, "
+                      f"s3 {row['s3_over_local']:.2f}x; load {row['load_1min']})", flush=True)
+
+        def median(key):
+            return float(np.median([row[key] for row in rows]))
+
+        med = {k: median(k) for k in ("baseline", "shards", "s3")}
         result = {
             "images": len(files), "source_bytes": src_bytes, "shard_bytes": prep["bytes"],
-            "prepare_s": round(prep_s, 2), "rounds": rows, "median_img_s_per_core": med,
+            "prepare_s": round(prep_s, 2), "first_pass_s": first, "rounds": rows,
+            "median_img_s_per_core": med,
+            "median_cpu_ms_per_image": {k: median(f"{k}_cpu_ms") for k in med},
             "shards_over_baseline": med["shards"] / med["baseline"],
             "s3_over_local": med["s3"] / med["shards"],
+            "median_round_ratio": {k: median(k) for k in ("shards_over_baseline",
+                                                          "s3_over_local")},
+            "load_1min": [row["load_1min"] for row in rows],
             # REFERENCE.md section 5: ResNet-50 at 2,470 img/s on one A100 (mixed precision)
             # and about 6.9k img/s per H100 in MLPerf.
             "cores_per_gpu": {"A100_2470": 2470 / med["shards"], "H100_6900": 6900 / med["shards"]},
             "cpu_count": os.cpu_count(),
         }
+        if args.loader_workers:
+            w = args.loader_workers
+            par = {"shards": shard_reader(local, args.batch, w),
+                   "s3": shard_reader(s3, args.batch, w)}
+            for rd in par.values():
+                shards_pass(rd, 1000)  # starts the persistent workers
+            prow = []
+            for r in range(args.rounds):
+                order = ["shards", "s3"] if r % 2 == 0 else ["s3", "shards"]
+                row = {"load_1min": round(os.getloadavg()[0], 2)}
+                for name in order:
+                    row[name] = timed(shards_pass, par[name], r)[0]
+                prow.append(row)
+                if not args.json:
+                    print(f"workers {w}, round {r}: shards {row['shards']:.0f}  s3 "
+                          f"{row['s3']:.0f} img/s (load {row['load_1min']})", flush=True)
+            pm = {k: float(np.median([row[k] for row in prow])) for k in ("shards", "s3")}
+            result["loader_workers"] = {"workers": w, "rounds": prow, "median_img_s": pm,
+                                        "s3_over_local": pm["s3"] / pm["shards"]}
+            for rd in par.values():
+                rd.close()
+        if args.cifar:
+            result["cifar"] = cifar_epochs(
+                work, "s3://bench/cifar", args.cifar, args.rounds,
+                say=(lambda msg: None) if args.json else (lambda msg: print(msg, flush=True)))
         if args.ray_data:
             cpus = os.cpu_count() or 2
             torch.set_num_threads(1)
-            dl = [timed(shards_pass, local, args.batch, 10 + k, workers=cpus) for k in range(2)]
+            dl_reader = shard_reader(local, args.batch, workers=cpus)
+            dl = [timed(shards_pass, dl_reader, 10 + k)[0] for k in range(2)]
+            dl_reader.close()
             n, secs = ray_data_pass(local, args.batch, cpus)
             n2, secs2 = ray_data_pass(local, args.batch, cpus)  # second pass: Ray is warm
             result["all_cores"] = {"dataloader_workers": cpus, "dataloader_img_s": dl,
