@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import signal
 import struct
@@ -565,6 +566,32 @@ def test_workers_and_s3_serve_the_same_augmented_batches(big, s3_cifar):
     assert len(kinds) > 5  # offsets and flips vary
     common = ref[0].keys() & ref[1].keys()
     assert any(not torch.equal(ref[0][k][0], ref[1][k][0]) for k in common)  # new draws
+
+
+def test_one_storage_client_per_process_and_a_fresh_one_after_fork(s3_endpoint):
+    """What the reader relies on (shards.url_to_fs): within a process every shard, pass and
+    epoch reuses one s3fs client; a forked DataLoader worker gets its own, which works."""
+    import boto3
+
+    from resnet_cluster.data.shards import url_to_fs
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="forks")
+    fs, _ = url_to_fs("s3://forks/a")
+    fs.pipe("forks/a/x", b"shard bytes")
+    assert url_to_fs("s3://forks/b")[0] is fs
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new client on its own event loop, reading over HTTP
+        try:
+            child, _ = url_to_fs("s3://forks/a")
+            ok = child is not fs and child.cat_file("forks/a/x", start=0, end=5) == b"shard"
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1" and status == 0
+    assert url_to_fs("s3://forks/a")[0].cat_file("forks/a/x") == b"shard bytes"  # parent's still works
 
 
 def test_pad_crop_params_cover_the_range_evenly():

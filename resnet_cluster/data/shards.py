@@ -394,7 +394,7 @@ def check_dest(dest: str, plan: str, *, dataset: str) -> dict | None:
                 "from other inputs or options; it is left untouched. Choose another --dest (or "
                 "delete that one yourself)."
             )
-        if dataset == "cifar10":
+        if dataset == "cifar10" and _legacy_cifar(fs, base):
             for name in LEGACY_CIFAR_FILES:  # meta.json first: the folder then reads as unfinished
                 if fs.exists(posixpath.join(base, name)):
                     fs.rm(posixpath.join(base, name))
