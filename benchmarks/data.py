@@ -33,7 +33,6 @@ training process (``loader_workers: 0``) against 2 DataLoader workers, from disk
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket

@@ -227,9 +227,6 @@ class _ShardJob:
 
 def _write_shard(job: _ShardJob, on_image: Callable[[], None] | None = None) -> dict:
     """Encode the job's images and put the shard in place atomically. Returns its record."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     want_stats = job.split == "train"
     images, labels, widths, heights, paths, skipped = [], [], [], [], [], []
     s1, s2, count = np.zeros(3), np.zeros((3, 3)), 0
