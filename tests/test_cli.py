@@ -90,3 +90,16 @@ def test_help_lists_the_commands():
     assert proc.returncode == 0
     for cmd in ("submit", "runs", "data", "models"):
         assert cmd in proc.stdout
+
+
+def test_submit_refuses_an_old_cifar_folder_before_starting_ray(tmp_path):
+    from test_data import _make_batches, _write_legacy_layout
+
+    old = tmp_path / "old-cifar"
+    _write_legacy_layout(old, *_make_batches())
+    proc = run_cli("submit", "jobs/cifar_r20.yaml", "--set", f"data.root={old}", "--set",
+                   "scaling.use_gpu=false", "--set", f"artifacts.store={tmp_path / 'store'}")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "old single-file layout" in err and f"data prepare cifar10 --dest {old}" in err
+    assert not (tmp_path / "store").exists()  # refused before anything was written or started

@@ -50,23 +50,13 @@ def new_run_id(job_name: str) -> str:
 
 
 def check_dataset(cfg: JobConfig) -> None:
-    """Fail before starting Ray when the dataset is plainly missing (driver-side check)."""
-    if cfg.data.dataset != "cifar10":
+    """Fail before starting Ray when the dataset is missing, unreadable, or in an old layout
+    (driver-side: the same manifest check the workers' reader makes, in seconds)."""
+    if cfg.data.dataset not in ("cifar10", "imagenet"):
         return
-    import fsspec
+    from resnet_cluster.data.shards import read_manifest
 
-    root = cfg.data.root
-    try:
-        fs, base = fsspec.core.url_to_fs(root)
-        ok = fs.exists(base.rstrip("/") + "/meta.json")
-    except Exception as e:  # credentials, endpoint, bad URI
-        raise DataError(f"cannot read data.root {root}: {e}. Check the URI and credentials.") from None
-    if not ok:
-        raise DataError(
-            f"no prepared CIFAR-10 dataset at {root} (data.root): meta.json is missing. Run "
-            f"`resnet-cluster data prepare cifar10 --dest {root}` first, or set data.root to where "
-            "you prepared it (or use data.dataset: synthetic for a smoke test)."
-        )
+    read_manifest(cfg.data.root, cfg.data.dataset)
 
 
 def _check_resources(cfg: JobConfig, info: dict[str, Any]) -> None:
