@@ -71,6 +71,13 @@ class RayNode:
         except subprocess.TimeoutExpired:
             pass
         self.log.close()
+        if self.dashboard is not None:  # a head: forget it as the current cluster, as `ray stop` does
+            current = Path("/tmp/ray/ray_current_cluster")
+            try:  # Ray writes the node's IP, which may not be the 127.0.0.1 we asked for
+                if current.read_text().strip().rsplit(":", 1)[-1] == self.gcs.rsplit(":", 1)[-1]:
+                    current.unlink()
+            except OSError:
+                pass
 
 
 def descendants(pid: int) -> list[int]:

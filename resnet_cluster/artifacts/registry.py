@@ -164,6 +164,13 @@ def _record(store: ArtifactStore, run_id: str, loaded) -> RunRecord:
 STATUSES = ("finished", "failed", "stopped", "running", "incomplete")
 
 
+def get_run(store: ArtifactStore, run_id: str) -> RunRecord | None:
+    """One run's record (None if the store has no such run), reading only that run's files."""
+    if not store.exists(run_id):
+        return None
+    return _record(store, run_id, _load(store, run_id))
+
+
 def list_runs(
     store: ArtifactStore, *, sweep: str | None = None, status: str | list[str] | None = None
 ) -> list[RunRecord]:

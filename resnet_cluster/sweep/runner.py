@@ -22,7 +22,7 @@ from typing import Any
 
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.provenance import git_provenance
-from resnet_cluster.artifacts.registry import list_runs, parse_events
+from resnet_cluster.artifacts.registry import get_run, list_runs, parse_events
 from resnet_cluster.artifacts.run import RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig, from_dict
@@ -37,6 +37,8 @@ SWEEP_FILE = "sweep.yaml"
 # fraction of a CPU would keep a whole-CPU training worker of another trial from fitting.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
 TRAIN_SIZES = {"cifar10": 50_000, "imagenet": 1_281_167}
+PG_REMOVED = "placement group was removed"  # Ray's words when Tune ends a trial's placement group
+ASHA_REASON = "stopped early by the ASHA scheduler"
 
 
 def sweep_store(store_root: str, endpoint_url: str | None = None) -> ArtifactStore:
@@ -87,6 +89,18 @@ def trial_states(store: ArtifactStore, meta: dict[str, Any]) -> dict[str, Any]:
     return {t["run_id"]: records.get(t["run_id"]) for t in meta["trials"]}
 
 
+def _settled(store: ArtifactStore, run_id: str, *, wait_s: float) -> Any:
+    """The run's record once it shows an end (finished, stopped, failed), or after ``wait_s``."""
+    import time
+
+    deadline = time.time() + wait_s
+    while True:
+        rec = get_run(store, run_id)
+        if rec is None or rec.status in ("finished", "stopped") or time.time() >= deadline:
+            return rec
+        time.sleep(0.5)
+
+
 def _done(store: ArtifactStore, rec: Any) -> bool:
     """A trial needs no more work: its run finished, or ASHA stopped it early on purpose."""
     if rec is None:
@@ -128,7 +142,7 @@ def concurrency(meta: dict[str, Any], pending: int, info: dict[str, Any]) -> int
     return max(1, min(limit, pending))
 
 
-def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str]) -> None:
+def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str], early_stopping: bool = False) -> None:
     """The Tune function trainable: one normal run, its metrics forwarded to Tune."""
     import time
 
@@ -138,15 +152,25 @@ def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str]
 
     from resnet_cluster.launch.submit import submit
 
+    from resnet_cluster.launch.submit import RunFailed
+
     t = config["trial"]
     cfg = from_dict(t["job"], source=f"sweep {sweep_id}, trial {t['run_id']}")
-    result = submit(
-        cfg,
-        run_id=t["run_id"],
-        provenance=provenance,
-        tags={"sweep_id": sweep_id, "sweep_row": t["label"], "sweep_seed": t["seed"], "trial_start_unix": round(trial_start, 3)},
-        callbacks=[TuneReportCallback()],
-    )
+    try:
+        result = submit(
+            cfg,
+            run_id=t["run_id"],
+            provenance=provenance,
+            tags={"sweep_id": sweep_id, "sweep_row": t["label"], "sweep_seed": t["seed"], "trial_start_unix": round(trial_start, 3)},
+            callbacks=[TuneReportCallback()],
+        )
+    except RunFailed as e:
+        if early_stopping and PG_REMOVED in str(e):
+            # ASHA stopped this trial: Tune removed its placement group, and with it the run's
+            # Ray Train controller. That is a stop on purpose, not a failure.
+            store = ArtifactStore.from_config(cfg.artifacts)
+            RunWriter(store, t["run_id"]).event("stopped", reason=ASHA_REASON, sweep_id=sweep_id, early_stop=True)
+        raise
     final = {k: v for k, v in (result.get("final") or {}).items() if isinstance(v, (int, float))}
     tune.report({**final, "finished": 1})
 
@@ -238,7 +262,8 @@ def run(
         raise ConfigError(f"--scheduler {scheduler!r}: use asha (early stopping) or leave it out (full runs).")
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_id=sweep_id, provenance=provenance), TRIAL_DRIVER_RESOURCES
+        tune.with_parameters(_trial, sweep_id=sweep_id, provenance=provenance, early_stopping=scheduler == "asha"),
+        TRIAL_DRIVER_RESOURCES,
     )
     tune_dir = views.uri(sweep_id, "tune") if store.is_local else None
     tuner = tune.Tuner(
@@ -271,22 +296,24 @@ def run(
                 cut_short.add(rid)  # ended by the scheduler before its run finished
     except KeyboardInterrupt:
         interrupted = True
-    states = trial_states(store, meta)
     for t in pending:
-        rec = states[t["run_id"]]
+        rid = t["run_id"]
         # ASHA stops a trial by removing its placement group, which takes the run's Ray Train
-        # controller with it: the run may have recorded that as a failure.
-        asha_stop = scheduler == "asha" and not interrupted and t["run_id"] in cut_short
-        if rec is not None and (rec.status == "running" or (asha_stop and rec.status == "failed")):
-            # Tune ended the trial while its run was going (ASHA stopped it, or the sweep was
-            # interrupted): record that, so the run does not look alive forever.
-            if interrupted:
-                reason = "sweep interrupted (Ctrl-C); `resnet-cluster sweep resume` continues it"
-            elif asha_stop:
-                reason = "stopped early by the ASHA scheduler"
-            else:
-                reason = "its sweep trial ended before the run finished"
-            RunWriter(store, t["run_id"]).event("stopped", reason=reason, sweep_id=sweep_id, early_stop=asha_stop)
+        # controller with it; the trial then records the stop itself (see _trial). Give it a
+        # moment, so that two writers do not append to the run's events at once.
+        asha_stop = scheduler == "asha" and not interrupted and rid in cut_short
+        rec = _settled(store, rid, wait_s=5 if asha_stop else 0)
+        if rec is None or not (rec.status == "running" or (asha_stop and rec.status == "failed")):
+            continue
+        # Tune ended the trial while its run was going: record that, so the run does not look
+        # alive forever.
+        if interrupted:
+            reason = "sweep interrupted (Ctrl-C); `resnet-cluster sweep resume` continues it"
+        elif asha_stop:
+            reason = ASHA_REASON
+        else:
+            reason = "its sweep trial ended before the run finished"
+        RunWriter(store, rid).event("stopped", reason=reason, sweep_id=sweep_id, early_stop=asha_stop)
     return _outcome(store, meta, ran=len(pending), skipped=done_before, errors=errors, interrupted=interrupted)
 
 
