@@ -327,3 +327,14 @@ def test_concurrency_is_capped_by_what_fits_unless_remote_trials_wait_forever(tm
     waits = load_sweep("depth", seeds=2, sweep_id="d-2", overrides=[f"artifacts.store={tmp_path}", "failure.start_timeout_s=-1"])
     assert runner.concurrency(waits.as_dict(), 10, {"local": False, "resources": {"CPU": 2.0}}) == 10
     assert runner.concurrency(waits.as_dict(), 10, {"local": True, "resources": {"CPU": 2.0}}) == 1
+
+
+def test_a_jobs_api_address_is_refused_before_the_sweep_is_recorded(tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [CLI, "sweep", "bn-momentum", "--address", "http://127.0.0.1:8265", "--set", f"artifacts.store={store}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "GCS address" in " ".join(proc.stderr.split())
+    assert not store.exists()

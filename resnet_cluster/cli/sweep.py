@@ -166,6 +166,22 @@ def _execute(meta: dict[str, Any], store, *, address: Optional[str], scheduler: 
         raise typer.Exit(1)
 
 
+def _check_address(address: Optional[str]) -> None:
+    """Refuse a Jobs API URL before anything is recorded: Tune's driver runs in this process."""
+    from resnet_cluster.errors import ClusterError
+    from resnet_cluster.launch import remote
+    from resnet_cluster.launch.cluster import resolve_address
+
+    target = resolve_address(address)
+    if remote.is_jobs_address(target):
+        raise ClusterError(
+            f"{target} is a Ray Jobs API (dashboard) URL; a sweep's Tune driver runs in this process "
+            "and needs the cluster's GCS address (HOST:6379, from `ray start --head`), or no "
+            "address for a local cluster. For a remote cluster, run the sweep on one of its "
+            "machines (the head node, say) with --address HOST:6379."
+        )
+
+
 @app.command("run")
 def run_command(
     sweep: str = typer.Argument(..., metavar="NAME_OR_FILE", help="A shipped sweep (depth, architecture, solvers, bn-momentum) or a sweep YAML."),
@@ -205,6 +221,7 @@ def run_command(
             highlight=False,
         )
         return
+    _check_address(address)
     store, meta = runner.start(sw)
     _execute(meta, store, address=address, scheduler=scheduler, as_json=as_json)
 
@@ -222,6 +239,7 @@ def resume_command(
     from resnet_cluster.artifacts.store import ArtifactStore
     from resnet_cluster.sweep import runner
 
+    _check_address(address)
     st = ArtifactStore(resolve_store(store))
     meta = runner.load(st, sweep_id)
     _execute(meta, st, address=address, scheduler=scheduler, as_json=as_json)
