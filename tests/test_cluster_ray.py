@@ -163,6 +163,28 @@ def test_stop_records_stopped_and_resubmit_resumes(cluster):
     assert iterations(c, "stopme") == list(range(5, 201, 5))
 
 
+def test_stop_while_waiting_for_resources_records_stopped(cluster):
+    """`stop` while Ray Train waits for a worker group it cannot place: Ray 2.60's controller
+    answers its abort only when the wait ends, so the driver used to be killed at the end of the
+    stop's grace period with nothing recorded, and the run showed `running` forever."""
+    c = cluster
+    out = cli(c, "submit", "jobs/smoke.yaml", "--address", c["head"].dashboard, "--json", "--name", "waits",
+              "--set", "scaling.cpus_per_worker=8", "--set", "failure.start_timeout_s=600", *SMALL)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    deadline = time.time() + 120
+    while not any(e["event"] == "submitted" for e in events(c, "waits")) and time.time() < deadline:
+        time.sleep(1)
+    time.sleep(10)  # Ray Train is now waiting for 2 workers of 8 CPUs on 2-CPU nodes
+    t0 = time.time()
+    stopped = cli(c, "stop", "waits", "--address", c["head"].dashboard, "--json", timeout=300)
+    took = time.time() - t0
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    doc = json.loads(stopped.stdout)
+    assert doc["job"]["status"] == "STOPPED" and doc["run"]["status"] == "stopped", doc
+    assert took < 100, took  # the driver ended itself, well before the 120 s grace period
+    assert events(c, "waits")[-1]["event"] == "stopped"
+
+
 def test_killed_worker_restarts_from_checkpoint(cluster):
     c = cluster
     out = cli(c, "submit", "jobs/smoke.yaml", "--address", c["head"].dashboard, "--json", "--name", "crash",
