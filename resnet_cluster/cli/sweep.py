@@ -168,18 +168,9 @@ def _execute(meta: dict[str, Any], store, *, address: Optional[str], scheduler: 
 
 def _check_address(address: Optional[str]) -> None:
     """Refuse a Jobs API URL before anything is recorded: Tune's driver runs in this process."""
-    from resnet_cluster.errors import ClusterError
-    from resnet_cluster.launch import remote
-    from resnet_cluster.launch.cluster import resolve_address
+    from resnet_cluster.launch.cluster import require_gcs_address, resolve_address
 
-    target = resolve_address(address)
-    if remote.is_jobs_address(target):
-        raise ClusterError(
-            f"{target} is a Ray Jobs API (dashboard) URL; a sweep's Tune driver runs in this process "
-            "and needs the cluster's GCS address (HOST:6379, from `ray start --head`), or no "
-            "address for a local cluster. For a remote cluster, run the sweep on one of its "
-            "machines (the head node, say) with --address HOST:6379."
-        )
+    require_gcs_address(resolve_address(address))
 
 
 @app.command("run")
@@ -242,6 +233,7 @@ def resume_command(
     _check_address(address)
     st = ArtifactStore(resolve_store(store))
     meta = runner.load(st, sweep_id)
+    runner.check_datasets([t["job"] for t in meta["trials"]], f"sweep {sweep_id}")
     _execute(meta, st, address=address, scheduler=scheduler, as_json=as_json)
 
 

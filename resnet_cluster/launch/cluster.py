@@ -16,6 +16,16 @@ def resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def require_gcs_address(address: str | None) -> None:
+    """ClusterError for a Jobs API URL where a driver in this process must connect itself."""
+    if address and address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"{address} is a Ray Jobs API (dashboard) URL, which submits through the Jobs API; a "
+            "driver in this process needs the cluster's GCS address instead (HOST:6379, as "
+            "printed by `ray start --head`), or no address to start a local cluster."
+        )
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[str, Any]:
     """``ray.init`` once per process. Returns a description of the cluster.
 
@@ -28,12 +38,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[
     """
     import ray
 
-    if address and address.startswith(("http://", "https://")):
-        raise ClusterError(
-            f"{address} is a Ray Jobs API (dashboard) URL, which submits through the Jobs API; a "
-            "driver in this process needs the cluster's GCS address instead (HOST:6379, as "
-            "printed by `ray start --head`), or no address to start a local cluster."
-        )
+    require_gcs_address(address)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {
             "logging_level": logging.WARNING,

@@ -29,6 +29,7 @@ from resnet_cluster.config import JobConfig, from_dict
 from resnet_cluster.errors import ConfigError, StoreError
 from resnet_cluster.launch import cluster
 from resnet_cluster.launch.submit import check_dataset
+from resnet_cluster.launch.trainer import scaling_plan
 from resnet_cluster.sweep.spec import Sweep
 
 SWEEP_JSON = "sweep.json"
@@ -41,8 +42,10 @@ PG_REMOVED = "placement group was removed"  # Ray's words when Tune ends a trial
 ASHA_REASON = "stopped early by the ASHA scheduler"
 
 
-def sweep_store(store_root: str, endpoint_url: str | None = None) -> ArtifactStore:
-    return ArtifactStore(store_root, endpoint_url=endpoint_url)
+def check_datasets(jobs: list[dict[str, Any]], source: str) -> None:
+    """Every distinct dataset of the trials is prepared and readable (before anything runs)."""
+    for job in {str(j["data"]): j for j in jobs}.values():
+        check_dataset(from_dict(job, source=source))
 
 
 def _first_cfg(meta: dict[str, Any]) -> JobConfig:
@@ -134,10 +137,8 @@ def concurrency(meta: dict[str, Any], pending: int, info: dict[str, Any]) -> int
     limit = meta.get("max_concurrent") or pending
     if info["local"] or cfg.failure.start_timeout_s != -1:
         have = info["resources"]
-        need = {"CPU": cfg.scaling.cpus_per_worker * cfg.scaling.workers}
-        if cfg.scaling.use_gpu:
-            need["GPU"] = cfg.scaling.gpus_per_worker * cfg.scaling.workers
-        fits = min(int(have.get(k, 0) // v + 1e-9) for k, v in need.items())
+        need = scaling_plan(cfg)["total_resources"]  # one trial's workers, as Ray Train asks
+        fits = min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items())
         limit = min(limit, max(1, fits))
     return max(1, min(limit, pending))
 
@@ -175,39 +176,37 @@ def _trial(config: dict[str, Any], *, sweep_id: str, provenance: tuple[str, str]
     tune.report({**final, "finished": 1})
 
 
-class _Events:
-    """Tune callback on the driver: trial start/result/end -> ``on_event`` dicts."""
+def _forward_events(on_event: Callable[[dict[str, Any]], None]):
+    """A Tune callback for the driver: trial start/result/end -> ``on_event`` dicts."""
+    from ray import tune
 
-    def __new__(cls, on_event: Callable[[dict[str, Any]], None]):
-        from ray import tune
+    class Forward(tune.Callback):
+        def __init__(self) -> None:
+            self.last: dict[str, dict[str, Any]] = {}
 
-        class Forward(tune.Callback):
-            def __init__(self) -> None:
-                self.last: dict[str, dict[str, Any]] = {}
+        def _emit(self, trial, status: str, result: dict[str, Any] | None = None) -> None:
+            t = trial.config.get("trial", {})
+            ev = {"kind": "trial", "run_id": t.get("run_id"), "row": t.get("label"), "seed": t.get("seed"), "status": status}
+            for k in ("epoch", "iteration", "loss", "top1_err"):
+                if result and isinstance(result.get(k), (int, float)):
+                    ev[k] = result[k] + (1 if k == "epoch" else 0)  # epochs done
+            on_event(ev)
 
-            def _emit(self, trial, status: str, result: dict[str, Any] | None = None) -> None:
-                t = trial.config.get("trial", {})
-                ev = {"kind": "trial", "run_id": t.get("run_id"), "row": t.get("label"), "seed": t.get("seed"), "status": status}
-                for k in ("epoch", "iteration", "loss", "top1_err"):
-                    if result and isinstance(result.get(k), (int, float)):
-                        ev[k] = result[k] + (1 if k == "epoch" else 0)  # epochs done
-                on_event(ev)
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._emit(trial, "running")
 
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self._emit(trial, "running")
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.last[trial.trial_id] = result
+            self._emit(trial, "running", result)
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                self.last[trial.trial_id] = result
-                self._emit(trial, "running", result)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = self.last.get(trial.trial_id, {})
+            self._emit(trial, "finished" if last.get("finished") else "stopped")
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                last = self.last.get(trial.trial_id, {})
-                self._emit(trial, "finished" if last.get("finished") else "stopped")
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._emit(trial, "failed")
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._emit(trial, "failed")
-
-        return Forward()
+    return Forward()
 
 
 def run(
@@ -222,17 +221,16 @@ def run(
     sweep_id = meta["sweep_id"]
     emit = on_event or (lambda ev: None)
     states = trial_states(store, meta)
-    pending = [t for t in meta["trials"] if not _done(store, states[t["run_id"]])]
+    done = {rid: _done(store, rec) for rid, rec in states.items()}
+    pending = [t for t in meta["trials"] if not done[t["run_id"]]]
     done_before = len(meta["trials"]) - len(pending)
     for t in meta["trials"]:
         rec = states[t["run_id"]]
         emit({"kind": "trial", "run_id": t["run_id"], "row": t["label"], "seed": t["seed"],
-              "status": rec.status if _done(store, rec) else "pending",
+              "status": rec.status if done[t["run_id"]] else "pending",
               **({"top1_err": rec.final_top1_err} if rec and rec.final_top1_err is not None else {})})
     if not pending:
         return _outcome(store, meta, ran=0, skipped=done_before)
-    for job in {str(t["job"]["data"]): t["job"] for t in pending}.values():
-        check_dataset(from_dict(job, source=f"sweep {sweep_id}"))
     views = store.sweeps()
     provenance = (views.read_text(sweep_id, layout.GIT_COMMIT), views.read_text(sweep_id, layout.GIT_PATCH))
 
@@ -274,7 +272,7 @@ def run(
             name=f"tune-{sweep_id}",
             storage_path=tune_dir,
             verbose=0,
-            callbacks=[_Events(emit)] if on_event else None,
+            callbacks=[_forward_events(emit)] if on_event else None,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -335,9 +333,8 @@ def _outcome(store: ArtifactStore, meta: dict[str, Any], **fields: Any) -> dict[
 def start(sweep: Sweep, *, source_dir: str = ".") -> tuple[ArtifactStore, dict[str, Any]]:
     """Check the store and record the sweep in it (nothing runs yet)."""
     endpoint = sweep.trials[0].job.get("artifacts", {}).get("endpoint_url")
-    store = sweep_store(sweep.store, endpoint)
+    store = ArtifactStore(sweep.store, endpoint_url=endpoint)
     store.check()
-    for job in {str(t.job["data"]): t.job for t in sweep.trials}.values():
-        check_dataset(from_dict(job, source=f"sweep {sweep.name}"))
+    check_datasets([t.job for t in sweep.trials], f"sweep {sweep.name}")
     meta = save(store, sweep, git_provenance(os.path.abspath(source_dir)))
     return store, meta
