@@ -400,8 +400,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# Keys of which a job gives exactly one: setting one of them from a later source (``--set``, a
+# sweep's ``set`` or grid) replaces the other, so ``--set train.iterations=20`` turns a job that
+# counts epochs into one that counts iterations. Within one file, giving both is still an error.
+EXCLUSIVE_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("train", "iterations"): ("train", "epochs"),
+    ("train", "epochs"): ("train", "iterations"),
+}
+
+
 def set_dotted(data: dict, path: list[str], value: Any, *, what: str) -> None:
-    """Set ``data[path[0]][path[1]]… = value`` in place, creating sections on the way."""
+    """Set ``data[path[0]][path[1]]… = value`` in place, creating sections on the way.
+
+    A non-null value for one of :data:`EXCLUSIVE_KEYS` drops its partner: the later source wins.
+    """
     node = data
     for part in path[:-1]:
         child = node.get(part)
@@ -411,6 +423,9 @@ def set_dotted(data: dict, path: list[str], value: Any, *, what: str) -> None:
             raise ConfigError(f"{what}: `{part}` is a value, not a section.")
         node = child
     node[path[-1]] = copy.deepcopy(value)
+    partner = EXCLUSIVE_KEYS.get(tuple(path))
+    if partner is not None and value is not None and partner[:-1] == tuple(path[:-1]):
+        node.pop(partner[-1], None)
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:

@@ -201,15 +201,30 @@ def test_batch_divisible_gives_per_worker_batch():
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "data, overrides",
     [
-        ["train.epochs=3"],  # both (smoke.yaml has iterations)
-        ["train.iterations=null"],  # neither
+        ({"train": {"batch_size": 64, "iterations": 200, "epochs": 3}}, []),  # both in one file
+        (None, ["train.iterations=null"]),  # neither
     ],
 )
-def test_exactly_one_of_iterations_and_epochs(overrides):
-    msg = config_error(smoke_dict(), overrides)
+def test_exactly_one_of_iterations_and_epochs(data, overrides):
+    msg = config_error(data if data is not None else smoke_dict(), overrides)
     assert "train.iterations" in msg and "train.epochs" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, unit, length",
+    [
+        (["train.epochs=3"], "epochs", 3),  # smoke.yaml counts iterations
+        (["train.epochs=3", "train.iterations=7"], "iterations", 7),  # the later --set wins
+    ],
+)
+def test_a_later_budget_replaces_the_other_unit(overrides, unit, length):
+    cfg = from_dict(apply_overrides(smoke_dict(), overrides))
+    assert cfg.train.unit == unit
+    assert getattr(cfg.train, unit) == length
+    other = "iterations" if unit == "epochs" else "epochs"
+    assert getattr(cfg.train, other) is None
 
 
 def test_epochs_alone_is_fine():

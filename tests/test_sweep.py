@@ -116,6 +116,17 @@ def test_trials_are_rows_times_seeds_with_resources_and_overrides():
         assert Path(t.job["artifacts"]["store"]).is_absolute()  # trials run in Tune's folders
 
 
+@pytest.mark.parametrize("name", ["depth", "architecture", "solvers", "bn-momentum"])
+def test_the_readme_laptop_line_counts_iterations_on_every_shipped_sweep(name):
+    # README: `--set data.dataset=synthetic --set train.iterations=20 --set scaling.use_gpu=false`
+    # on sweeps whose base job counts epochs: the later --set replaces the budget.
+    laptop = ["data.dataset=synthetic", "train.iterations=20", "scaling.use_gpu=false"]
+    sw = load_sweep(name, seeds=1, overrides=laptop)
+    for t in sw.trials:
+        assert t.job["train"]["iterations"] == 20 and t.job["train"].get("epochs") is None
+        assert t.job["scaling"]["use_gpu"] is False
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "s.yaml"
     p.write_text(text)
