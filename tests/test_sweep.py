@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -307,6 +308,36 @@ def test_report_formats(reported, tmp_path):
     assert (first["sweep_id"], first["finished_trials"], first["total_trials"]) == ("t-1", 6, 12)
     missing = subprocess.run([CLI, "sweep", "report", "t-9", "--store", str(tmp_path / "store")], capture_output=True, text=True)
     assert missing.returncode == 2 and "t-1" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_sweep_run_with_a_changed_experiment_shows_its_budget_and_no_diff(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    laptop = [f"artifacts.store={tmp_path / 'store'}", "data.dataset=synthetic", "train.epochs=2"]
+    sw = load_sweep("depth", seeds=1, sweep_id="d-9", overrides=laptop)
+    meta = runner.save(store, sw, ("abc123\n", ""))
+    first = meta["trials"][0]
+    _finished_run(store, first["run_id"], "d-9", 50.0, 49.0, [60.0, 50.0])
+    rep = report.build(store, "d-9")
+    assert rep["comparable"] is False and rep["budget"] == "2 epochs"
+    assert rep["changed_by"] == ["data.dataset=synthetic", "train.epochs=2"]  # not the store
+    assert rep["title"] == "CIFAR-10: effect of depth (2 epochs)" and "(200 epochs)" in rep["file_title"]
+    row = rep["rows"][0]
+    assert row["mean"] == 50.0 and row["reference"] == 8.29 and row["diff"] is None
+    md = report.markdown(rep)
+    assert "| 50.00 | 50.00 | 8.29 | n/c | 1/1 |" in md
+    assert "Not comparable with the reference: the trials ran with --set data.dataset=synthetic, train.epochs=2 (2 epochs)" in md
+    table = subprocess.run(
+        [CLI, "sweep", "report", "d-9", "--store", str(tmp_path / "store"), "--no-plot"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert table.returncode == 0 and "(2 epochs)" in table.stdout and "n/c" in table.stdout
+    assert "200 epochs" not in table.stdout and "Not comparable" in table.stdout
+
+
+def test_a_sweep_run_as_published_is_comparable(reported):
+    _, rep = reported  # overridden only artifacts.store
+    assert rep["comparable"] is True and rep["changed_by"] == [] and rep["budget"] == "200 iterations"
+    assert "Not comparable" not in report.markdown(rep)
 
 
 def test_runs_list_filters_by_sweep(reported, tmp_path):

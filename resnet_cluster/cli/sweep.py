@@ -98,17 +98,19 @@ class TrialTable:
 
 
 def _report_table(rep: dict[str, Any]) -> Table:
-    from resnet_cluster.sweep.report import HEADER, cells
+    from resnet_cluster.sweep.report import HEADER, cells, not_comparable_note
 
     title = rep.get("title") or rep["sweep_id"]
+    comparable = rep.get("comparable", True)
     table = Table(title=escape(title), caption=escape(
         f"{rep['metric']} test error, mean ± sample std over seeds; diff = mean − reference"
         + (f"; reference: {rep['source']}" if rep.get("source") else "")
+        + ("" if comparable else "\n" + not_comparable_note(rep))
     ))
     for col in HEADER:
         table.add_column(col, justify="left" if col == "row" else "right")
     for r in rep["rows"]:
-        c = cells(r)
+        c = cells(r, comparable)
         table.add_row(escape(c[0]), *c[1:])
     return table
 

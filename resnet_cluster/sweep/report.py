@@ -5,6 +5,10 @@ best seed, the reference figure of the published table, and the difference mean 
 ``std`` is the sample standard deviation (n − 1), blank with a single run. The test error of a
 run is its last evaluation (``metric: final``, as the tables report) or its best one
 (``metric: best``).
+
+A sweep run with ``--set`` overrides that change the experiment (the dataset, the training
+budget, the model, the recipe) is not the published experiment: its report shows the budget the
+trials really ran, and gives no diff against the reference (``comparable: false``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 from typing import Any
@@ -27,8 +32,50 @@ CURVES_PNG = "curves.png"
 FORMATS = ("table", "markdown", "csv", "json")
 
 
+# Dotted job keys (or prefixes ending in "." / "_") whose override makes a trial a different
+# experiment from the published one. Placement, storage, checkpointing, loader processes and
+# precision settings leave it the same experiment.
+EXPERIMENT_KEYS = (
+    "seed", "model.", "optim.", "schedule.", "bn.", "eval.",
+    "train.iterations", "train.epochs", "train.batch_size",
+    "data.dataset", "data.augment", "data.synthetic_", "data.val_split", "data.lighting_std",
+)  # fmt: skip
+
+
+def experiment_overrides(overrides: list[str]) -> list[str]:
+    """The ``--set`` overrides (``key=value`` texts) that change the experiment."""
+    out = []
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if any(key == k or (k.endswith((".", "_")) and key.startswith(k)) for k in EXPERIMENT_KEYS):
+            out.append(text)
+    return out
+
+
+def budget(trials: list[dict[str, Any]]) -> str:
+    """The training length the trials ran, e.g. ``200 epochs``, or several joined by ``/``."""
+    seen: list[str] = []
+    for t in trials:
+        train = t["job"].get("train", {})
+        text = f"{train['iterations']} iterations" if train.get("iterations") else f"{train.get('epochs')} epochs"
+        if text not in seen:
+            seen.append(text)
+    return " / ".join(seen)
+
+
+def _title(title: str | None, real_budget: str, comparable: bool) -> str | None:
+    """The file's title, its budget in parentheses replaced by the one the trials ran."""
+    if not title or comparable:
+        return title
+    title, n = re.subn(r"\(\d+ (?:epochs|iterations)\)", f"({real_budget})", title)
+    return title if n else f"{title} ({real_budget})"
+
+
 def build(store: ArtifactStore, sweep_id: str) -> dict[str, Any]:
     meta = runner.load(store, sweep_id)
+    changed = experiment_overrides(meta.get("overrides") or [])
+    comparable = not changed
+    real_budget = budget(meta["trials"])
     states = runner.trial_states(store, meta)
     metric = meta.get("metric", "final")
     rows = []
@@ -56,7 +103,7 @@ def build(store: ArtifactStore, sweep_id: str) -> dict[str, Any]:
                 "n": len(errors),
                 "trials": len(trials),
                 "reference": ref,
-                "diff": (mean - ref) if (mean is not None and ref is not None) else None,
+                "diff": (mean - ref) if (comparable and mean is not None and ref is not None) else None,
                 "runs": runs,
             }
         )
@@ -64,8 +111,12 @@ def build(store: ArtifactStore, sweep_id: str) -> dict[str, Any]:
     return {
         "sweep_id": sweep_id,
         "name": meta.get("name"),
-        "title": meta.get("title"),
+        "title": _title(meta.get("title"), real_budget, comparable),
+        "file_title": meta.get("title"),
         "source": meta.get("source"),
+        "budget": real_budget,
+        "comparable": comparable,
+        "changed_by": changed,
         "metric": metric,
         "store": store.root,
         "created": meta.get("created"),
@@ -80,15 +131,29 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
-def cells(r: dict[str, Any]) -> list[str]:
-    """The displayed cells of one row: row, mean ± std, best, reference, diff, runs."""
+def not_comparable_note(rep: dict[str, Any]) -> str:
+    """One line saying why the diffs are withheld; empty for a sweep run as published."""
+    if rep.get("comparable", True):
+        return ""
+    return (
+        f"Not comparable with the reference: the trials ran with --set {', '.join(rep['changed_by'])} "
+        f"({rep['budget']}), so no diff is given."
+    )
+
+
+def cells(r: dict[str, Any], comparable: bool = True) -> list[str]:
+    """The displayed cells of one row: row, mean ± std, best, reference, diff, runs.
+
+    Without a comparable experiment the diff cell reads ``n/c`` (not comparable).
+    """
     if r["mean"] is None:
         err = ""
     elif r["std"] is None:
         err = _f(r["mean"])
     else:
         err = f"{_f(r['mean'])} ± {_f(r['std'])}"
-    return [r["row"], err, _f(r["best"]), _f(r["reference"]), _f(r["diff"], "{:+.2f}"), f"{r['n']}/{r['trials']}"]
+    diff = _f(r["diff"], "{:+.2f}") if comparable else ("n/c" if r["reference"] is not None else "")
+    return [r["row"], err, _f(r["best"]), _f(r["reference"]), diff, f"{r['n']}/{r['trials']}"]
 
 
 HEADER = ["row", "test error (%)", "best", "reference", "diff", "runs"]
@@ -101,13 +166,17 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append("")
     lines.append("| " + " | ".join(HEADER) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|")
+    comparable = rep.get("comparable", True)
     for r in rep["rows"]:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(r, comparable)) + " |")
     lines.append("")
     lines.append(
         f"Test error: {rep['metric']} evaluation, mean ± sample std over seeds; diff = mean − "
         f"reference. Sweep {rep['sweep_id']}, {rep['finished_trials']}/{rep['total_trials']} runs finished."
     )
+    if not comparable:
+        lines.append("")
+        lines.append(not_comparable_note(rep))
     return "\n".join(lines) + "\n"
 
 
