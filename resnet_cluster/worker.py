@@ -61,17 +61,22 @@ class RayReporter(Callback):
 class ProgressForwarder(Callback):
     """Sends log and epoch records to the driver's ``ray.util.queue.Queue`` (rank 0 only)."""
 
-    def __init__(self, queue):
+    def __init__(self, queue, workers: list[dict[str, Any]] | None = None):
         self.queue = queue
+        self.workers = workers or []
 
     def _put(self, kind: str, record: dict[str, Any]) -> None:
+        # plain values only (numbers, flags, names), nothing that holds tensors or modules
+        plain = {k: v for k, v in record.items() if isinstance(v, (int, float, bool, str)) or (
+            isinstance(v, list) and all(isinstance(x, str) for x in v))}  # fmt: skip
         try:
-            self.queue.put_nowait({"kind": kind, **_numbers(record)})
+            self.queue.put_nowait({"kind": kind, **plain})
         except Exception:  # a full or vanished queue must never stop training
             pass
 
     def on_start(self, info):
-        self._put("start", info)
+        # the start line names the worker group: how many, and on which devices
+        self._put("start", {**info, "world_size": len(self.workers), "devices": [w["device"] for w in self.workers]})
 
     def on_log(self, record):
         self._put("log", record)
@@ -136,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         )
         if config.get("progress_queue") is not None:
-            callbacks.append(ProgressForwarder(config["progress_queue"]))
+            callbacks.append(ProgressForwarder(config["progress_queue"], workers))
     callbacks.append(RayMetrics(config["run_id"], ctx.rank))
     callbacks.append(RayReporter(cfg, ctx))
 

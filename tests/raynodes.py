@@ -33,7 +33,8 @@ def _ports(n: int) -> list[int]:
 
 
 class RayNode:
-    def __init__(self, *, head_gcs: str | None, num_cpus: int, resources: dict[str, float], log: Path):
+    def __init__(self, *, head_gcs: str | None, num_cpus: int, resources: dict[str, float], log: Path,
+                 env_extra: dict[str, str] | None = None):
         p = _ports(12)
         args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                 f"--resources={json.dumps(resources)}", f"--node-manager-port={p[0]}",
@@ -51,8 +52,8 @@ class RayNode:
             args += [f"--address={head_gcs}"]
         self.log = open(log, "w")
         self.killed = False
-        self.proc = subprocess.Popen(args, env=base_env(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(args, env={**base_env(), **(env_extra or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def kill(self) -> None:
         """Stop this node: SIGTERM to `ray start` and every process it started, SIGKILL after 20 s.
@@ -115,10 +116,10 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None) -> RayNode:
+def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None, env_extra: dict | None = None) -> RayNode:
     # `ray start --head` enables token auth only when a token exists (RAY-NOTES.md).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base_env(), capture_output=True)
-    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log")
+    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log", env_extra=env_extra)
     wait_for_nodes(head, 1)
     return head
 

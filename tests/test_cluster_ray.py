@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,11 +29,25 @@ SMALL = ["--set", "data.synthetic_train=640", "--set", "train.log_every_iteratio
 pytestmark = pytest.mark.ray
 
 
+# What each node has as its own S3 credentials (an instance profile's, on AWS): never shipped in a
+# job's runtime_env. The endpoint (moto on 127.0.0.1) is a setting the client forwards.
+NODE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}  # fmt: skip
+BUCKET = "cluster-runs"
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    s3 = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True).mkdir(BUCKET)
     tmp = tmp_path_factory.mktemp("cluster")
-    head = start_head(tmp, num_cpus=2, resources={"worker_node": 1, "node_a": 1})
-    c = {"head": head, "tmp": tmp, "store": tmp / "store", "seconds": []}
+    head = start_head(tmp, num_cpus=2, resources={"worker_node": 1, "node_a": 1}, env_extra=NODE_AWS)
+    c = {"head": head, "tmp": tmp, "store": tmp / "store", "seconds": [], "s3": endpoint}
     try:
         add_second_node(c)
         yield c
@@ -40,12 +55,13 @@ def two_nodes(tmp_path_factory):
         for node in c["seconds"]:
             node.kill()
         head.kill()
+        s3.stop()
 
 
 def add_second_node(c) -> None:
     """Start a (new) second node and wait until the cluster has two alive nodes again."""
     node = RayNode(head_gcs=c["head"].gcs, num_cpus=2, resources={"worker_node": 1, "node_b": 1},
-                   log=c["tmp"] / f"b{len(c['seconds'])}.log")  # fmt: skip
+                   log=c["tmp"] / f"b{len(c['seconds'])}.log", env_extra=NODE_AWS)  # fmt: skip
     c["seconds"].append(node)
     c["second"] = node
     lost = c.get("second_id")
@@ -146,6 +162,13 @@ def test_stop_records_stopped_and_resubmit_resumes(cluster):
     assert out.returncode == 0, out.stderr[-4000:]
     # The submitting process has exited; the job keeps running on the cluster.
     wait_for_checkpoint(c, "stopme", 2)
+    # Its Ray job log (the dashboard's Jobs page, `ray job logs`) shows progress while it runs:
+    # the start line, a line per log window with the numbers, a line per evaluation.
+    logs = job_logs(c, json.loads(out.stdout)["job_id"])
+    assert re.search(r"run stopme (started|resumed): 2 workers on cpu, cpu; iteration \d+/200", logs), logs[-3000:]
+    assert re.search(r"epoch \d+/20 iter \d+/200 loss \d+\.\d{4} train_err \d+\.\d\d% lr 0\.1 img/s \d+", logs)
+    assert re.search(r"eval epoch \d+/20 iter \d+: top1_err \d+\.\d\d% top5_err", logs)
+    assert json.loads(out.stdout)["job_id"] in remote_job_list(c)  # and the job says what it is
     stopped = cli(c, "stop", "stopme", "--address", c["head"].dashboard, "--json", timeout=300)
     assert stopped.returncode == 0, stopped.stderr[-4000:]
     doc = json.loads(stopped.stdout)
@@ -161,6 +184,72 @@ def test_stop_records_stopped_and_resubmit_resumes(cluster):
     resumed = next(e for e in events(c, "stopme") if e["event"] == "resumed")
     assert resumed["epoch"] >= 2
     assert iterations(c, "stopme") == list(range(5, 201, 5))
+
+
+def job_logs(c, job_id: str) -> str:
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", job_id, "--address",
+                          c["head"].dashboard], env=base_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def remote_job_list(c) -> dict[str, dict]:
+    """``{submission_id: metadata}`` of the cluster's Jobs API jobs."""
+    code = (
+        "import json; from ray.job_submission import JobSubmissionClient as C; "
+        f"print(json.dumps({{j.submission_id: j.metadata for j in C({c['head'].dashboard!r}).list_jobs() if j.submission_id}}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_remote_sweep_is_a_ray_job_that_stops_resumes_and_reports_from_s3(cluster):
+    """`sweep smoke --address http://HEAD:8265`: the sweep's driver is a Ray job on the cluster;
+    stopping it records the running trials as stopped, `sweep resume --address` runs only what is
+    unfinished, and every trial ends as a finished run in the S3 store."""
+    c = cluster
+    store = f"s3://{BUCKET}/sweeps-test"
+    env = {"RESNET_CLUSTER_STORE": store, "AWS_ENDPOINT_URL": c["s3"], **NODE_AWS}
+    out = cli(c, "sweep", "smoke", "--address", c["head"].dashboard, "--json", env_extra=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    doc = json.loads(out.stdout)
+    sweep_id, job_id = doc["sweep_id"], doc["job_id"]
+    meta = remote_job_list(c)[job_id]
+    assert meta == {"kind": "sweep", "sweep_id": sweep_id, "sweep_name": "smoke", "store": store}
+
+    # Stop it once a trial has trained a little: the running trials are recorded `stopped`.
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        st = cli(c, "status", sweep_id, "--address", c["head"].dashboard, "--json", env_extra=env)
+        if st.returncode == 0 and json.loads(st.stdout)["sweep"]["statuses"].get("running"):
+            break
+        time.sleep(3)
+    else:
+        raise AssertionError(f"no trial of {sweep_id} started within 400 s")
+    time.sleep(8)  # a checkpoint or two: the stopped trial resumes from it
+    stopped = cli(c, "stop", sweep_id, "--address", c["head"].dashboard, "--json", env_extra=env, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    sdoc = json.loads(stopped.stdout)
+    assert sdoc["job"]["status"] == "STOPPED" and "timed_out" not in sdoc, sdoc
+    assert sdoc["sweep"]["running"] == 0 and sdoc["sweep"]["statuses"].get("stopped", 0) >= 1, sdoc
+    logs = job_logs(c, job_id)
+    assert re.search(rf"trial {sweep_id}-0[12]-s0 \(model\.arch=cifar_(resnet|plain)20, seed 0\): running", logs), logs[-3000:]
+
+    resumed = cli(c, "sweep", "resume", sweep_id, "--address", c["head"].dashboard, "--follow", "--json",
+                  env_extra=env, timeout=900)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert json.loads(resumed.stdout)["status"] == "SUCCEEDED"
+    rep = cli(c, "sweep", "report", sweep_id, "--format", "json", "--no-plot", env_extra=env)
+    assert rep.returncode == 0, rep.stderr[-4000:]
+    report = json.loads(rep.stdout)
+    assert report["complete"] and report["finished_trials"] == 2 and len(report["rows"]) == 2
+    assert report["budget"] == "60 iterations" and report["comparable"] is True
+    runs = cli(c, "runs", "list", "--sweep", sweep_id, "--json", env_extra=env)
+    assert {r["status"] for r in json.loads(runs.stdout)} == {"finished"}
+    for r in json.loads(runs.stdout):  # every file of every trial's run checks out against its manifest
+        dl = cli(c, "runs", "download", r["run_id"], str(c["tmp"] / "dl" / r["run_id"]), env_extra=env)
+        assert dl.returncode == 0, dl.stderr[-2000:]
 
 
 def test_stop_while_waiting_for_resources_records_stopped(cluster):

@@ -33,8 +33,31 @@ def _run_record(store, target: str):
         return None
 
 
+def _sweep_state(store, target: str) -> Optional[dict]:
+    """A sweep's progress from the store (trials per status), or None if ``target`` is no sweep."""
+    from resnet_cluster.sweep import runner
+
+    if not store.sweeps().exists(target, runner.SWEEP_JSON):
+        return None
+    meta = runner.load(store, target)
+    states = runner.trial_states(store, meta)
+    counts: dict[str, int] = {}
+    for t in meta["trials"]:
+        rec = states[t["run_id"]]
+        status = rec.status if rec is not None else "not started"
+        counts[status] = counts.get(status, 0) + 1
+    return {
+        "sweep_id": target,
+        "name": meta.get("name"),
+        "trials": len(meta["trials"]),
+        "statuses": counts,
+        "running": counts.get("running", 0),
+        "finished": counts.get("finished", 0),
+    }
+
+
 def status(
-    target: Optional[str] = typer.Argument(None, help="A run id or a Ray job id; none: every running run."),
+    target: Optional[str] = typer.Argument(None, help="A run id, a sweep id or a Ray job id; none: every running run."),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     store: Optional[str] = typer.Option(None, help=STORE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -62,20 +85,31 @@ def status(
         doc["run"] = rec
         if addr:
             try:
-                doc["job"] = remote.job_status(addr, remote.find_job_for_run(addr, target))
+                doc["job"] = remote.job_status(addr, remote.find_job(addr, run_id=target))
+            except ClusterError as e:
+                doc["job_error"] = str(e)
+    elif (sweep := _sweep_state(st, target)) is not None:
+        doc["sweep"] = sweep
+        if addr:
+            try:
+                doc["job"] = remote.job_status(addr, remote.find_job(addr, sweep_id=target))
             except ClusterError as e:
                 doc["job_error"] = str(e)
     elif addr:
         doc["job"] = remote.job_status(addr, target)
     else:
         raise StoreError(
-            f"no run {target!r} in {st.root}. For a Ray job id pass the cluster with --address "
-            "http://HEAD:8265; `resnet-cluster runs list` lists the runs."
+            f"no run or sweep {target!r} in {st.root}. For a Ray job id pass the cluster with --address "
+            "http://HEAD:8265; `resnet-cluster runs list` and `sweep list` list them."
         )
     if json_out:
         print_json(doc)
         return
     t = Table(title=f"Status of {target}", show_header=False)
+    if "sweep" in doc:
+        sw = doc["sweep"]
+        t.add_row("sweep", f"{sw['name']}: {sw['finished']}/{sw['trials']} runs finished")
+        t.add_row("trials", ", ".join(f"{n} {k}" for k, n in sorted(sw["statuses"].items())))
     if "run" in doc:
         r = doc["run"]
         t.add_row("run status", r["status"])
@@ -93,13 +127,14 @@ def status(
 
 
 def stop(
-    target: str = typer.Argument(..., help="A run id or a Ray job id."),
+    target: str = typer.Argument(..., help="A run id, a sweep id or a Ray job id."),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     store: Optional[str] = typer.Option(None, help=STORE_HELP),
     wait: float = typer.Option(150.0, help="Seconds to wait for the run to record itself as stopped."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Stop a remotely submitted run: Ctrl-C to its driver, which records the run as `stopped`."""
+    """Stop a remotely submitted run or sweep: Ctrl-C to its driver, which records the run (or
+    the sweep's running trials) as `stopped`."""
     from resnet_cluster.artifacts.store import ArtifactStore
     from resnet_cluster.launch import remote
 
@@ -111,21 +146,37 @@ def stop(
         )
     st = ArtifactStore(resolve_store(store))
     rec = _run_record(st, target)
-    job_id = remote.find_job_for_run(addr, target) if rec is not None else target
+    if rec is not None:
+        job_id = remote.find_job(addr, run_id=target)
+    elif _sweep_state(st, target) is not None:
+        job_id = remote.find_job(addr, sweep_id=target)
+    else:
+        job_id = target
     remote.stop(addr, job_id)
-    final = None
-    deadline = time.time() + wait
-    while time.time() < deadline:
+
+    def state() -> dict:
+        """The job, and its run or sweep as the store shows them; ``ended`` once the job has
+        ended and its run (every trial of its sweep) is no longer running."""
         job = remote.job_status(addr, job_id)
-        rec = _run_record(st, job.get("run_id") or target) if (job.get("run_id") or rec) else None
-        if job["status"] in ("STOPPED", "SUCCEEDED", "FAILED") and (rec is None or rec["status"] != "running"):
-            final = {"job": job, "run": rec}
-            break
+        done = job["status"] in ("STOPPED", "SUCCEEDED", "FAILED")
+        if job.get("sweep_id"):
+            sweep = _sweep_state(st, job["sweep_id"])
+            return {"job": job, "sweep": sweep, "ended": done and (sweep is None or sweep["running"] == 0)}
+        run = _run_record(st, job.get("run_id") or target) if (job.get("run_id") or rec) else None
+        return {"job": job, "run": run, "ended": done and (run is None or run["status"] != "running")}
+
+    deadline = time.time() + wait
+    final = state()
+    while not final["ended"] and time.time() < deadline:
         time.sleep(2)
-    if final is None:
-        final = {"job": remote.job_status(addr, job_id), "run": rec, "timed_out": True}
+        final = state()
+    if not final.pop("ended"):
+        final["timed_out"] = True
     if json_out:
         print_json(final)
+    elif "sweep" in final:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(((final["sweep"] or {}).get("statuses") or {}).items()))
+        console.print(f"Ray job {job_id}: {final['job']['status']}; sweep {final['job']['sweep_id']}: {counts or '-'}")
     else:
-        run_status = final["run"]["status"] if final["run"] else "-"
+        run_status = final["run"]["status"] if final.get("run") else "-"
         console.print(f"Ray job {job_id}: {final['job']['status']}; run: {run_status}")

@@ -16,6 +16,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from resnet_cluster.cli.common import console, err_console, fmt_err, fmt_num, print_json, reserve_stdout_for_json
+from resnet_cluster.cli.progress import PlainProgress
 
 
 class LiveDisplay:
@@ -156,10 +157,16 @@ def submit(
         target = None  # on the cluster: Ray sets RAY_ADDRESS for the job's driver; else start locally
     address = target
     try:
-        if json_out:
-            reserve_stdout_for_json()
-            result = run_submit(cfg, run_id=name, address=address, source_dir=os.getcwd())
-            print_json(result)
+        if json_out or not sys.stdout.isatty():
+            # A log, a pipe, CI: whole lines instead of a live display. With --json stdout keeps
+            # the one document and the lines go to stderr (a Ray job's log shows both).
+            if json_out:
+                reserve_stdout_for_json()
+            lines = PlainProgress(sys.stderr if json_out else sys.stdout)
+            result = run_submit(cfg, run_id=name, address=address, on_progress=lines, source_dir=os.getcwd())
+            lines.summary(result)
+            if json_out:
+                print_json(result)
             return
         with LiveDisplay() as live:
             result = run_submit(cfg, run_id=name, address=address, on_progress=live, source_dir=os.getcwd())
@@ -180,7 +187,9 @@ def _submit_remote(address: str, job: str, cfg, name: str | None, overrides: lis
     from resnet_cluster.launch.submit import new_run_id
 
     run_id = name or new_run_id(cfg.name)
-    info = remote.submit_remote(address, job, run_id=run_id, overrides=overrides, cwd=os.getcwd())
+    info = remote.submit_remote(
+        address, job, run_id=run_id, overrides=overrides, cwd=os.getcwd(), job_name=cfg.name, store=cfg.artifacts.store
+    )
     if not json_out:
         console.print(
             f"submitted Ray job [bold]{info['job_id']}[/] for run [bold]{run_id}[/]\n"
@@ -189,9 +198,18 @@ def _submit_remote(address: str, job: str, cfg, name: str | None, overrides: lis
             f"(stop: resnet-cluster stop {run_id} --address {address})",
             highlight=False,
         )
+    follow_job(address, info, follow=follow, json_out=json_out)
+
+
+def follow_job(address: str, info: dict[str, Any], *, follow: bool, json_out: bool) -> None:
+    """After a Jobs API submit: with ``follow``, stream the job's log (Ctrl-C stops following,
+    not the job) and exit 1 if the job failed or was stopped; then the ``--json`` document."""
+    from resnet_cluster.launch import remote
+
     if follow:
         try:
-            status = remote.follow(address, info["job_id"], lambda line: err_console.print(escape(line), highlight=False))
+            # whole lines, never folded: the log's progress lines are meant to be read as lines
+            status = remote.follow(address, info["job_id"], lambda line: print(line, file=sys.stderr, flush=True))
         except KeyboardInterrupt:
             err_console.print(f"stopped following; Ray job {info['job_id']} keeps running.")
             status = "RUNNING"

@@ -16,6 +16,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from resnet_cluster.cli.common import console, err_console, fmt_err, print_json, reserve_stdout_for_json, resolve_store
+from resnet_cluster.cli.progress import PlainTrialLog
 
 
 class _DefaultRun(TyperGroup):
@@ -134,17 +135,21 @@ def _execute(meta: dict[str, Any], store, *, address: Optional[str], scheduler: 
 
     if as_json:
         reserve_stdout_for_json()
-    display = None if as_json else TrialTable(meta["sweep_id"], meta["trials"])
-    if display:
-        err_console.print(
-            f"sweep [bold]{meta['sweep_id']}[/]: {len(meta['rows'])} rows × {meta['seeds']} seeds = "
-            f"{len(meta['trials'])} trials -> {store.root}",
-            highlight=False,
-        )
-        with display:
-            outcome = runner.run(meta, store, address=resolve_address(address), scheduler=scheduler, on_event=display)
+    header = (
+        f"sweep {meta['sweep_id']}: {len(meta['rows'])} rows × {meta['seeds']} seeds = "
+        f"{len(meta['trials'])} trials -> {store.root}"
+    )
+    if as_json or not sys.stdout.isatty():
+        # A Ray job's log, a pipe, CI: one line per trial state change and a table every few
+        # minutes; with --json on stderr, so that stdout keeps the one document.
+        lines = PlainTrialLog(meta["sweep_id"], meta["trials"], sys.stderr if as_json else sys.stdout)
+        lines.line(header)
+        outcome = runner.run(meta, store, address=resolve_address(address), scheduler=scheduler, on_event=lines)
+        lines.table()
     else:
-        outcome = runner.run(meta, store, address=resolve_address(address), scheduler=scheduler)
+        err_console.print(header, highlight=False)
+        with TrialTable(meta["sweep_id"], meta["trials"]) as display:
+            outcome = runner.run(meta, store, address=resolve_address(address), scheduler=scheduler, on_event=display)
     rep = report.build(store, meta["sweep_id"])
     png = report.plot(store, rep)
     if as_json:
@@ -168,11 +173,58 @@ def _execute(meta: dict[str, Any], store, *, address: Optional[str], scheduler: 
         raise typer.Exit(1)
 
 
-def _check_address(address: Optional[str]) -> None:
-    """Refuse a Jobs API URL before anything is recorded: Tune's driver runs in this process."""
-    from resnet_cluster.launch.cluster import require_gcs_address, resolve_address
+ADDRESS_HELP = (
+    "Ray cluster: a Jobs API URL (http://HEAD:8265) submits the sweep's driver as a Ray job and "
+    "returns; a GCS address (HOST:6379) runs it here. Default: RAY_ADDRESS, else a new local cluster."
+)
 
-    require_gcs_address(resolve_address(address))
+
+def _jobs_url(address: Optional[str], local: bool) -> Optional[str]:
+    """The Jobs API URL to submit the sweep's driver to, or None to run it in this process.
+
+    ``--local`` (the command line the cluster runs) never submits: there Ray sets RAY_ADDRESS
+    to the cluster's own GCS address for the job's driver.
+    """
+    from resnet_cluster.launch import remote
+    from resnet_cluster.launch.cluster import resolve_address
+
+    target = resolve_address(address)
+    if local:
+        return None
+    return target if remote.is_jobs_address(target) else None
+
+
+def _driver_address(address: Optional[str]) -> Optional[str]:
+    """The address for a driver in this process (a Jobs URL here means: we are the job)."""
+    from resnet_cluster.launch import remote
+    from resnet_cluster.launch.cluster import resolve_address
+
+    target = resolve_address(address)
+    return None if remote.is_jobs_address(target) else target
+
+
+def _submit_sweep_job(url: str, args: list[str], *, sweep_id: str, name: str, store: str, follow: bool, as_json: bool) -> None:
+    """Run ``resnet-cluster ARGS`` (the sweep's driver) as a Ray job; print how to watch it."""
+    from resnet_cluster.cli.submit import follow_job
+    from resnet_cluster.launch import remote
+
+    info = remote.submit_command(
+        url,
+        args,
+        submission_id=f"resnet-cluster-sweep-{sweep_id}",
+        metadata={"kind": "sweep", "sweep_id": sweep_id, "sweep_name": name, "store": store},
+    )
+    info = {"sweep_id": sweep_id, **info}
+    if not as_json:
+        console.print(
+            f"submitted Ray job [bold]{info['job_id']}[/] for sweep [bold]{sweep_id}[/]\n"
+            f"dashboard: {info['dashboard']}\n"
+            f"follow:    resnet-cluster status {sweep_id} --address {url}   "
+            f"(stop: resnet-cluster stop {sweep_id} --address {url}; "
+            f"table: resnet-cluster sweep report {sweep_id} --store {store})",
+            highlight=False,
+        )
+    follow_job(url, info, follow=follow, json_out=as_json)
 
 
 @app.command("run")
@@ -180,18 +232,28 @@ def run_command(
     sweep: str = typer.Argument(..., metavar="NAME_OR_FILE", help="A shipped sweep (depth, architecture, solvers, bn-momentum) or a sweep YAML."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Runs per row (overrides the file's `seeds`)."),
     overrides: List[str] = typer.Option([], "--set", help="KEY.PATH=VALUE applied to every trial's job, e.g. --set train.iterations=20."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (HOST:6379); default: RAY_ADDRESS, else a new local cluster."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha: stop hopeless trials early (off by default: the tables need full runs)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the trials (row, overrides, seed) and run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (sweep id, trials, results)."),
+    follow: bool = typer.Option(False, "--follow", help="With a Jobs API address: stream the sweep's log until it ends (Ctrl-C stops following)."),
+    local: bool = typer.Option(False, "--local", hidden=True, help="Run the driver in this process (the command the cluster runs)."),
+    sweep_id: Optional[str] = typer.Option(None, "--sweep-id", hidden=True, help="The sweep id to use (set by a remote submit)."),
 ) -> None:
-    """Run a sweep: every row of the table × every seed, as Ray Tune trials."""
+    """Run a sweep: every row of the table × every seed, as Ray Tune trials.
+
+    With --address http://HEAD:8265 (or RAY_ADDRESS) the sweep's driver runs on the cluster as a
+    Ray job and this command returns once it is submitted (or, with --follow, ended)."""
     from resnet_cluster.sweep import runner
-    from resnet_cluster.sweep.spec import load_sweep
+    from resnet_cluster.sweep.spec import find_sweep_file, load_sweep, shipped_sweeps
 
     if scheduler not in (None, "asha"):
         raise typer.BadParameter(f"{scheduler!r}: the only scheduler is asha", param_hint="--scheduler")
-    sw = load_sweep(sweep, overrides=overrides, seeds=seeds)
+    if sweep_id is not None:
+        from resnet_cluster.artifacts.layout import validate_run_id
+
+        validate_run_id(sweep_id)
+    sw = load_sweep(sweep, overrides=overrides, seeds=seeds, sweep_id=sweep_id)
     if dry_run:
         doc = sw.as_dict()
         if as_json:
@@ -214,29 +276,46 @@ def run_command(
             highlight=False,
         )
         return
-    _check_address(address)
+    url = _jobs_url(address, local)
+    if url:
+        from resnet_cluster.launch import remote
+
+        name = sweep if sweep in shipped_sweeps() else remote.project_relative(find_sweep_file(sweep), remote.project_root(), "sweep file")
+        args = ["sweep", "run", name, "--local", "--json", "--sweep-id", sw.sweep_id]
+        args += [a for o in overrides for a in ("--set", o)]
+        args += (["--seeds", str(seeds)] if seeds is not None else []) + (["--scheduler", scheduler] if scheduler else [])
+        _submit_sweep_job(url, args, sweep_id=sw.sweep_id, name=sw.name, store=str(sw.store), follow=follow, as_json=as_json)
+        return
     store, meta = runner.start(sw)
-    _execute(meta, store, address=address, scheduler=scheduler, as_json=as_json)
+    _execute(meta, store, address=_driver_address(address), scheduler=scheduler, as_json=as_json)
 
 
 @app.command("resume")
 def resume_command(
     sweep_id: str = typer.Argument(..., help="The sweep to continue (see `resnet-cluster sweep list`)."),
     store: Optional[str] = typer.Option(None, "--store", help="Artifact store (default: RESNET_CLUSTER_STORE or ./runs-store)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (HOST:6379); default: RAY_ADDRESS, else a new local cluster."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha: stop hopeless trials early."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    follow: bool = typer.Option(False, "--follow", help="With a Jobs API address: stream the sweep's log until it ends."),
+    local: bool = typer.Option(False, "--local", hidden=True, help="Run the driver in this process (the command the cluster runs)."),
 ) -> None:
     """Continue an interrupted sweep: finished runs are kept, the others run (or resume from
-    their last checkpoint)."""
+    their last checkpoint). With --address http://HEAD:8265 the driver runs on the cluster."""
     from resnet_cluster.artifacts.store import ArtifactStore
     from resnet_cluster.sweep import runner
 
-    _check_address(address)
     st = ArtifactStore(resolve_store(store))
+    url = _jobs_url(address, local)
+    if url:
+        meta = runner.load(st, sweep_id)  # the sweep must exist in the store the cluster writes to
+        args = ["sweep", "resume", sweep_id, "--local", "--json"] + (["--store", store] if store else [])
+        args += ["--scheduler", scheduler] if scheduler else []
+        _submit_sweep_job(url, args, sweep_id=sweep_id, name=meta.get("name") or "", store=st.root, follow=follow, as_json=as_json)
+        return
     meta = runner.load(st, sweep_id)
     runner.check_datasets([t["job"] for t in meta["trials"]], f"sweep {sweep_id}")
-    _execute(meta, st, address=address, scheduler=scheduler, as_json=as_json)
+    _execute(meta, st, address=_driver_address(address), scheduler=scheduler, as_json=as_json)
 
 
 @app.command("report")

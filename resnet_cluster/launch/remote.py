@@ -71,13 +71,79 @@ def _describe(address: str, e: BaseException) -> str:
     return f"Ray cluster at {address}: {why}."
 
 
-def entrypoint(job_relpath: str, *, run_id: str, overrides: list[str], workers: int | None) -> str:
-    args = ["python", "-m", "resnet_cluster", "submit", job_relpath, "--local", "--name", run_id, "--json"]
+def command_line(args: list[str]) -> str:
+    """``python -m resnet_cluster ARGS…`` quoted for the Jobs API's shell entrypoint."""
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "resnet_cluster", *args])
+
+
+def submit_args(job_relpath: str, *, run_id: str, overrides: list[str], workers: int | None) -> list[str]:
+    """The ``submit`` command the driver runs on the cluster (``--json``: progress lines go to
+    stderr, the job log; stdout keeps the result document)."""
+    args = ["submit", job_relpath, "--local", "--name", run_id, "--json"]
     for o in overrides:
         args += ["--set", o]
     if workers is not None:
         args += ["--workers", str(workers)]
-    return " ".join(shlex.quote(a) for a in args)
+    return args
+
+
+def entrypoint(job_relpath: str, *, run_id: str, overrides: list[str], workers: int | None) -> str:
+    return command_line(submit_args(job_relpath, run_id=run_id, overrides=overrides, workers=workers))
+
+
+def project_relative(path: str | os.PathLike, root: Path, what: str) -> str:
+    """``path`` relative to the project folder that ships as the job's working_dir."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(root))
+    except ValueError:
+        raise ConfigError(
+            f"{what} {path} is outside the project folder {root}, which is what ships to the "
+            f"cluster as the job's working_dir. Move or copy the {what} into the project."
+        ) from None
+
+
+def submit_command(
+    address: str,
+    args: list[str],
+    *,
+    submission_id: str,
+    metadata: dict[str, str],
+    cwd: str | os.PathLike = ".",
+) -> dict[str, Any]:
+    """Run ``python -m resnet_cluster ARGS…`` as a Ray job on the cluster at ``address``.
+
+    The project folder ships as the job's working_dir; store and S3 endpoint settings (never
+    credentials: the nodes have their own) travel as environment variables; a fresh cluster's
+    "No available agent" answer is retried for ``AGENT_RETRY_S``. ``metadata`` (string values)
+    is what ``ray job list`` and the dashboard's Jobs page show for the job. Returns
+    ``{job_id, dashboard, entrypoint}``.
+    """
+    root = project_root(cwd)
+    c = client(address)
+    env_vars = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
+    for name in ("RESNET_CLUSTER_STORE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        if os.environ.get(name):  # settings, never credentials: those come from the nodes
+            env_vars[name] = os.environ[name]
+    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
+    ep = command_line(args)
+    deadline = time.time() + AGENT_RETRY_S
+    while True:
+        try:
+            job_id = c.submit_job(
+                entrypoint=ep,
+                runtime_env=runtime_env,
+                # unique per submission: re-submitting a run (to resume it) is a new Ray job
+                submission_id=f"{submission_id}-{secrets.token_hex(3)}",
+                metadata={k: str(v) for k, v in metadata.items() if v is not None},
+            )
+            break
+        except Exception as e:
+            if "No available agent" in str(e) and time.time() < deadline:
+                time.sleep(2)
+                continue
+            raise ClusterError(_describe(address, e)) from None
+    return {"job_id": job_id, "dashboard": address.rstrip("/"), "entrypoint": ep}
 
 
 def submit_remote(
@@ -88,41 +154,19 @@ def submit_remote(
     overrides: list[str],
     workers: int | None = None,
     cwd: str | os.PathLike = ".",
+    job_name: str | None = None,
+    store: str | None = None,
 ) -> dict[str, Any]:
-    """Submit to the Jobs API; returns ``{job_id, run_id, dashboard, entrypoint}``."""
-    root = project_root(cwd)
-    job = Path(job_path).resolve()
-    try:
-        rel = job.relative_to(root)
-    except ValueError:
-        raise ConfigError(
-            f"job file {job_path} is outside the project folder {root}, which is what ships to the "
-            "cluster as the job's working_dir. Move or copy the job file into the project."
-        ) from None
-    c = client(address)
-    env_vars = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
-    for name in ("RESNET_CLUSTER_STORE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        if os.environ.get(name):  # settings, never credentials: those come from the nodes
-            env_vars[name] = os.environ[name]
-    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
-    ep = entrypoint(str(rel), run_id=run_id, overrides=overrides, workers=workers)
-    deadline = time.time() + AGENT_RETRY_S
-    while True:
-        try:
-            job_id = c.submit_job(
-                entrypoint=ep,
-                runtime_env=runtime_env,
-                # unique per submission: re-submitting a run (to resume it) is a new Ray job
-                submission_id=f"resnet-cluster-{run_id}-{secrets.token_hex(3)}",
-                metadata={"run_id": run_id, "job_file": str(rel)},
-            )
-            break
-        except Exception as e:
-            if "No available agent" in str(e) and time.time() < deadline:
-                time.sleep(2)
-                continue
-            raise ClusterError(_describe(address, e)) from None
-    return {"job_id": job_id, "run_id": run_id, "dashboard": address.rstrip("/"), "entrypoint": ep}
+    """Submit a run to the Jobs API; returns ``{job_id, run_id, dashboard, entrypoint}``."""
+    rel = project_relative(job_path, project_root(cwd), "job file")
+    info = submit_command(
+        address,
+        submit_args(rel, run_id=run_id, overrides=overrides, workers=workers),
+        submission_id=f"resnet-cluster-{run_id}",
+        metadata={"kind": "run", "run_id": run_id, "job_name": job_name, "job_file": rel, "store": store},
+        cwd=cwd,
+    )
+    return {**info, "run_id": run_id}
 
 
 def job_status(address: str, job_id: str) -> dict[str, Any]:
@@ -139,6 +183,8 @@ def job_status(address: str, job_id: str) -> dict[str, Any]:
         "job_id": job_id,
         "status": str(info.status.value if hasattr(info.status, "value") else info.status),
         "run_id": (info.metadata or {}).get("run_id"),
+        "sweep_id": (info.metadata or {}).get("sweep_id"),
+        "metadata": dict(info.metadata or {}),
         "message": info.message,
         "start_time": info.start_time,
         "end_time": info.end_time,
@@ -146,15 +192,18 @@ def job_status(address: str, job_id: str) -> dict[str, Any]:
     }
 
 
-def find_job_for_run(address: str, run_id: str) -> str:
+def find_job(address: str, *, run_id: str | None = None, sweep_id: str | None = None) -> str:
+    """The newest Ray job whose metadata names this run (or sweep): its submission id."""
+    key, value = ("run_id", run_id) if run_id is not None else ("sweep_id", sweep_id)
     c = client(address)
     try:
         jobs = c.list_jobs()
     except Exception as e:
         raise ClusterError(_describe(address, e)) from None
-    matches = [j for j in jobs if (j.metadata or {}).get("run_id") == run_id]
+    matches = [j for j in jobs if (j.metadata or {}).get(key) == value]
     if not matches:
-        raise ClusterError(f"no Ray job on {address} runs {run_id!r}; pass the Ray job id instead.")
+        what = "run" if key == "run_id" else "sweep"
+        raise ClusterError(f"no Ray job on {address} runs {what} {value!r}; pass the Ray job id instead.")
     return max(matches, key=lambda j: j.start_time or 0).submission_id
 
 
