@@ -421,32 +421,13 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def from_dict(data: dict, *, source: str = "job") -> JobConfig:
+def validate(data: dict, *, source: str = "job") -> JobConfig:
+    """The schema check alone. Jobs are loaded with ``models.jobs.from_dict`` / ``models.jobs.load``,
+    which also refuse a model the registry would refuse (config sits below models)."""
     try:
-        cfg = JobConfig.model_validate(data)
+        return JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, data)) from None
-    _check_model(cfg, source)
-    return cfg
-
-
-def _check_model(cfg: JobConfig, source: str) -> None:
-    """Refuse a model the registry would refuse, at load time rather than on the workers."""
-    import torch
-
-    from resnet_cluster import models
-
-    names = [m.name for m in models.available()]
-    if cfg.model.arch not in names:
-        raise ConfigError(
-            f"{source}: invalid job: field `model.arch`: got {cfg.model.arch!r}: unknown model; "
-            f"choose one of {', '.join(names)} (see `resnet-cluster models list`)."
-        )
-    try:
-        with torch.device("meta"):  # checks every option without allocating weights
-            models.build(cfg.model.arch, **cfg.model.model_dump(exclude={"arch"}))
-    except ConfigError as e:
-        raise ConfigError(f"{source}: invalid job: {e}") from None
 
 
 def read_job_file(path: str | os.PathLike, *, missing_hint: str = "for example jobs/smoke.yaml") -> dict:
@@ -461,10 +442,3 @@ def read_job_file(path: str | os.PathLike, *, missing_hint: str = "for example j
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a job file must be a mapping of sections, got {type(data).__name__}.")
     return data
-
-
-def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a job file, apply ``--set`` overrides, and validate. Raises ConfigError."""
-    data = apply_overrides(read_job_file(path), overrides)
-    source = str(path) + (" (with --set overrides)" if overrides else "")
-    return from_dict(data, source=source)

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from resnet_cluster.cli import app
-from resnet_cluster.config import from_dict
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.data import transforms as T
 from resnet_cluster.data.imagenet import prepare_imagenet
 from resnet_cluster.data.loaders import build_loaders_for

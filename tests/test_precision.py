@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from resnet_cluster import config
+from resnet_cluster.models import jobs
 from resnet_cluster.engine import WorkerContext, fit
 from resnet_cluster.engine.loop import build_model
 from resnet_cluster.errors import ConfigError
@@ -39,12 +40,12 @@ class Keep:
 
 def run(*extra):
     keep = Keep()
-    summary = fit(config.load(SMOKE, [*TINY, *extra]), WorkerContext(), callbacks=[keep])
+    summary = fit(jobs.load(SMOKE, [*TINY, *extra]), WorkerContext(), callbacks=[keep])
     return summary, keep
 
 
 def test_bf16_channels_last_step_is_close_to_fp32():
-    cfg = config.load(SMOKE, TINY)
+    cfg = jobs.load(SMOKE, TINY)
     torch.manual_seed(0)
     ref = build_model(cfg).train()
     low = build_model(cfg).train().to(memory_format=torch.channels_last)
@@ -90,4 +91,4 @@ def test_fit_with_compile_matches_eager():
 
 def test_unknown_compile_backend_is_refused():
     with pytest.raises(ConfigError, match="compile_backend"):
-        config.load(SMOKE, [*TINY, "precision.compile=true", "precision.compile_backend=nope"])
+        jobs.load(SMOKE, [*TINY, "precision.compile=true", "precision.compile_backend=nope"])

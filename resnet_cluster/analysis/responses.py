@@ -108,6 +108,7 @@ def responses_of(
     ``data.root=./data/cifar10`` when the run was trained where the data lived elsewhere).
     """
     from resnet_cluster import config as config_mod
+    from resnet_cluster.models import jobs
     from resnet_cluster.data.loaders import build_loaders_for
     from resnet_cluster.models.files import read_model_file
     from resnet_cluster.models.registry import build
@@ -121,7 +122,7 @@ def responses_of(
     data = config_mod.apply_overrides(doc["config"], list(data_overrides))
     # One process reads the whole test set: the per-worker batch is the global batch here.
     data.setdefault("scaling", {})["workers"] = 1
-    cfg = config_mod.from_dict(data, source=f"the job of {doc['source']}")
+    cfg = jobs.from_dict(data, source=f"the job of {doc['source']}")
     net = build(doc["arch"], **doc["model_options"])
     net.load_state_dict(doc["state_dict"])
     _, test, info = build_loaders_for(cfg, rank=0, world_size=1)

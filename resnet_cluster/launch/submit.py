@@ -22,7 +22,8 @@ from resnet_cluster.artifacts.manifest import write_manifest
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.run import RunWriter
 from resnet_cluster.artifacts.store import ArtifactStore
-from resnet_cluster.config import JobConfig, from_dict
+from resnet_cluster.config import JobConfig
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
 from resnet_cluster.launch import cluster, failures
 from resnet_cluster.launch.trainer import build_trainer, scaling_plan, start_timeout_env

@@ -25,7 +25,8 @@ from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.registry import get_run, list_runs, parse_events
 from resnet_cluster.artifacts.run import RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
-from resnet_cluster.config import JobConfig, from_dict
+from resnet_cluster.config import JobConfig
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.errors import ConfigError, StoreError
 from resnet_cluster.launch import cluster
 from resnet_cluster.launch.submit import check_dataset

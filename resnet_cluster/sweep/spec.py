@@ -40,7 +40,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from resnet_cluster.config import from_dict, parse_override, read_job_file, set_dotted
+from resnet_cluster.config import parse_override, read_job_file, set_dotted
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.errors import ConfigError
 
 SWEEP_DIR = Path("jobs") / "sweeps"

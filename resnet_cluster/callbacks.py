@@ -1,6 +1,11 @@
-"""The loop callback that writes a run's growing files (rank 0 only).
+"""The training loop's callbacks on a Ray Train worker (see ``worker.train_loop_per_worker``).
 
-``training_loss.csv`` gets one row per log window and ``testing_error.csv`` one row per
+- :class:`RunRecorder` (rank 0): a run's growing files in the artifact store.
+- :class:`ProgressForwarder` (rank 0): log and epoch records to the driver's live display.
+- :class:`RayMetrics` (every rank): ``ray.util.metrics`` gauges for Prometheus and Grafana.
+- :class:`RayReporter` (every rank): ``ray.train.report`` once per epoch, with checkpoints.
+
+RunRecorder: ``training_loss.csv`` gets one row per log window and ``testing_error.csv`` one row per
 evaluation; both are uploaded while training runs (at most every few seconds, and at every
 epoch end), so a user can plot a run that is still going. On resume, rows logged after the
 checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run.
@@ -9,6 +14,7 @@ checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -19,29 +25,15 @@ from resnet_cluster.artifacts.provenance import environment_snapshot
 from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
-from resnet_cluster.engine.loop import Callback, model_options
+from resnet_cluster.engine import Callback, WorkerContext
+from resnet_cluster.engine.checkpoint import save_train_state
+from resnet_cluster.models.files import save_model_file
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "train_err", "lr", "images_per_sec", "time"]
 TEST_FIELDS = [
     "epoch", "iteration", "top1_err", "top5_err", "test_loss",
     "train_loss", "train_err", "lr", "images_per_sec", "epoch_time_s", "time",
 ]  # fmt: skip
-MODEL_FORMAT = 1
-
-
-def save_model_file(path: str, model: torch.nn.Module, cfg: JobConfig, summary: dict[str, Any]) -> None:
-    """``model.pt``: the final weights plus what is needed to rebuild the module."""
-    torch.save(
-        {
-            "format": MODEL_FORMAT,
-            "arch": cfg.model.arch,
-            "model_options": model_options(cfg),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": cfg.to_dict(),
-            "summary": summary,
-        },
-        path,
-    )
 
 
 def _number(text: str | None) -> Any:
@@ -166,3 +158,108 @@ class RunRecorder(Callback):
             model=self.cfg.model.arch,
             images_per_sec=self.last_eval.get("images_per_sec"),
         )
+
+
+# Training metrics in Ray's metrics system, so Prometheus and Grafana pick them up. Ray exports a
+# metric named ``resnet_cluster_images_per_second`` as ``ray_resnet_cluster_images_per_second``
+# on each node's metrics agent; infra/grafana has a dashboard for these. Every rank reports its
+# own series (tag ``rank``), tagged with the run id.
+# name -> (description, key of the loop's log record it comes from)
+GAUGES: dict[str, tuple[str, str]] = {
+    "resnet_cluster_images_per_second": ("Training images per second, all workers together.", "images_per_sec"),
+    "resnet_cluster_train_loss": ("Training loss (mean cross-entropy) over the last log window.", "loss"),
+    "resnet_cluster_train_error_percent": ("Training top-1 error over the last log window, %.", "train_err"),
+    "resnet_cluster_learning_rate": ("Learning rate of the last step.", "lr"),
+    "resnet_cluster_data_wait_fraction": (
+        "Fraction of this worker's step time spent waiting for the next batch.",
+        "data_wait_fraction",
+    ),
+}
+EPOCH_GAUGES: dict[str, tuple[str, str]] = {
+    "resnet_cluster_test_error_percent": ("Top-1 test error of the last evaluation, %.", "top1_err"),
+    "resnet_cluster_epoch": ("Epochs finished.", "epoch_done"),
+}
+TAG_KEYS = ("run_id", "rank")
+
+
+class RayMetrics(Callback):
+    """Sets ``ray.util.metrics`` gauges from the loop's log and epoch records."""
+
+    def __init__(self, run_id: str, rank: int):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run_id": run_id, "rank": str(rank)}
+        self.gauges = {
+            name: (Gauge(name, description=desc, tag_keys=TAG_KEYS), key)
+            for name, (desc, key) in {**GAUGES, **EPOCH_GAUGES}.items()
+        }
+
+    def _set(self, names: dict[str, tuple[str, str]], record: dict[str, Any]) -> None:
+        for name in names:
+            gauge, key = self.gauges[name]
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                gauge.set(float(value), tags=self.tags)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self._set(GAUGES, record)
+
+    def on_epoch_end(self, record: dict[str, Any], state) -> None:
+        self._set(EPOCH_GAUGES, {**record, "epoch_done": record["epoch"] + 1})
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class RayReporter(Callback):
+    """Calls ``ray.train.report`` once per epoch on every rank (it is a barrier), attaching a
+    checkpoint from rank 0 every ``checkpoint.every_epochs`` and at the end."""
+
+    def __init__(self, cfg: JobConfig, ctx: WorkerContext):
+        self.cfg, self.ctx, self.total_epochs = cfg, ctx, 0
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.total_epochs = info["total_epochs"]
+
+    def on_epoch_end(self, record, state) -> None:
+        import ray.train
+
+        epoch = record["epoch"]
+        due = (epoch + 1) % self.cfg.checkpoint.every_epochs == 0 or epoch + 1 == self.total_epochs
+        metrics = _numbers(record)
+        if not (due and self.ctx.is_main):
+            ray.train.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix="rc-ckpt-")
+        try:
+            save_train_state(tmp, state())
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+            )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ProgressForwarder(Callback):
+    """Sends log and epoch records to the driver's ``ray.util.queue.Queue`` (rank 0 only)."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def _put(self, kind: str, record: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait({"kind": kind, **_numbers(record)})
+        except Exception:  # a full or vanished queue must never stop training
+            pass
+
+    def on_start(self, info):
+        self._put("start", info)
+
+    def on_log(self, record):
+        self._put("log", record)
+
+    def on_epoch_end(self, record, state):
+        self._put("epoch", record)
