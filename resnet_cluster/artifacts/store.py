@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
+from resnet_cluster.artifacts.fs_compat import strip_protocol
 from resnet_cluster.errors import StoreError
 from resnet_cluster.artifacts import layout
 
@@ -581,7 +582,7 @@ class ArtifactStore:
             got = self._fs.cat(list(paths), on_error="return")
         out = {}
         for path, data in got.items():
-            key = paths.get(self._fs._strip_protocol(path)) or paths.get(path)
+            key = paths.get(strip_protocol(self._fs, path)) or paths.get(path)
             if key is None or isinstance(data, BaseException):
                 if isinstance(data, (PermissionError,)) or type(data).__name__ == "NoCredentialsError":
                     with self._errors(self._uri(path), "read"):
@@ -607,7 +608,7 @@ class ArtifactStore:
                 self.list_run_ids()  # raises the clear "bucket does not exist" error if so
         tops: dict[str, set[str]] = {}
         for path in found:
-            path = self._fs._strip_protocol(path)
+            path = strip_protocol(self._fs, path)
             if not path.startswith(prefix):
                 continue
             parts = path[len(prefix):].split("/")
@@ -638,7 +639,7 @@ class ArtifactStore:
         for path, info in found.items():
             if info.get("type", "file") != "file":
                 continue
-            path = path if self._is_local else self._fs._strip_protocol(path)
+            path = path if self._is_local else strip_protocol(self._fs, path)
             if not path.startswith(prefix):
                 continue
             rel = path[len(prefix):]

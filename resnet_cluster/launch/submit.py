@@ -26,6 +26,7 @@ from resnet_cluster.config import JobConfig
 from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
 from resnet_cluster.launch import cluster, failures
+from resnet_cluster.launch.ray_compat import bound_sigint_abort
 from resnet_cluster.launch.trainer import build_trainer, scaling_plan, start_timeout_env
 
 
@@ -206,7 +207,7 @@ def submit(
         trainer = build_trainer(
             cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q, callbacks=callbacks
         )
-        _bounded_sigint_abort(trainer, record_stop)
+        bound_sigint_abort(trainer, record_stop)
         with start_timeout_env(cfg):
             trainer.fit()
     except (KeyboardInterrupt, SystemExit):
@@ -254,52 +255,6 @@ def submit(
         "images_per_sec": summary.get("images_per_sec"),
         "dashboard": info["dashboard_url"],
     }
-
-
-ABORT_WAIT_S = 30  # Ray Train's graceful abort, before the controller is killed (< remote.STOP_WAIT_S)
-
-
-def _bounded_sigint_abort(trainer: Any, on_stop: Callable[[], None]) -> None:
-    """Make the first SIGINT (Ctrl-C, or `resnet-cluster stop` through the Jobs API) record the
-    run as stopped at once and end ``fit()`` within ABORT_WAIT_S.
-
-    Ray Train 2.60's own handler (``_register_sigint_handler``, installed by ``fit()`` in the main
-    thread) waits without a limit for its controller's ``abort``; a controller that is waiting
-    for resources for a worker group answers only when that wait ends (up to
-    ``failure.start_timeout_s``), so the driver was killed before it could record anything and
-    the run looked alive forever. Here the stop is recorded first, the controller gets
-    ABORT_WAIT_S to abort gracefully, and is killed if it does not answer (it was not training:
-    nothing is lost that a checkpoint had not saved).
-    """
-    import signal
-
-    if not callable(getattr(trainer, "_register_sigint_handler", None)):
-        return  # another Ray: its own handler stays
-
-    def register(controller: Any) -> None:
-        import ray
-
-        def handler(signum, frame) -> None:
-            first = not handler.fired
-            handler.fired = True
-            try:
-                on_stop()
-            except Exception:  # the store may be unreachable; stopping must not fail
-                pass
-            if first:
-                try:
-                    ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
-                    return  # aborted: fit() returns, and the run is recorded as stopped
-                except ray.exceptions.GetTimeoutError:
-                    ray.kill(controller)
-                except ray.exceptions.RayActorError:
-                    pass
-            raise KeyboardInterrupt
-
-        handler.fired = False
-        signal.signal(signal.SIGINT, handler)
-
-    trainer._register_sigint_handler = register
 
 
 def _stopped_msg(run_id: str) -> str:

@@ -49,9 +49,10 @@ def ray_storage(store: ArtifactStore, run_id: str) -> tuple[str, Any]:
     """
     if store.is_local:
         return store.run_uri(run_id), None
+    from resnet_cluster.artifacts.fs_compat import strip_protocol
     from resnet_cluster.artifacts.store import pyarrow_filesystem
 
-    path = store.fs._strip_protocol(store.run_uri(run_id))
+    path = strip_protocol(store.fs, store.run_uri(run_id))
     return path, pyarrow_filesystem(store)
 
 
