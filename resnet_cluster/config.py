@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resnet_cluster import datasets
 from resnet_cluster.errors import ConfigError
 
 DEFAULT_STORE = "./runs-store"
@@ -50,7 +51,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cifar10", "synthetic", "imagenet"] = "cifar10"
+    dataset: Literal[datasets.names()] = "cifar10"  # the registry in datasets.py
     root: str = "./data/cifar10"
     # paper: CIFAR pad 4, random 32x32 crop, flip (Section 4.2); ImageNet shorter side in
     # [256, 480], random 224 crop, flip, mean subtraction, PCA lighting (Section 3.4).

@@ -24,6 +24,7 @@ from resnet_cluster.artifacts.run import RunWriter
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
 from resnet_cluster.models.jobs import from_dict
+from resnet_cluster import datasets
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
 from resnet_cluster.launch import cluster, failures
 from resnet_cluster.launch.ray_compat import bound_sigint_abort
@@ -54,7 +55,7 @@ def new_run_id(job_name: str) -> str:
 def check_dataset(cfg: JobConfig) -> None:
     """Fail before starting Ray when the dataset is missing, unreadable, or in an old layout
     (driver-side: the same manifest check the workers' reader makes, in seconds)."""
-    if cfg.data.dataset not in ("cifar10", "imagenet"):
+    if not datasets.get(cfg.data.dataset).prepared:
         return
     from resnet_cluster.data.shards import read_manifest
 

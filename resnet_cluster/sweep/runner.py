@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from resnet_cluster import datasets
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.registry import get_run, list_runs, parse_events
@@ -38,7 +39,6 @@ SWEEP_FILE = "sweep.yaml"
 # The trial's own process only waits on its TorchTrainer. Tune refuses empty resources, and a
 # fraction of a CPU would keep a whole-CPU training worker of another trial from fitting.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
-TRAIN_SIZES = {"cifar10": 50_000, "imagenet": 1_281_167}
 PG_REMOVED = "placement group was removed"  # Ray's words when Tune ends a trial's placement group
 ASHA_REASON = "stopped early by the ASHA scheduler"
 
@@ -121,7 +121,7 @@ def _done(store: ArtifactStore, rec: Any) -> bool:
 def _epochs(cfg: JobConfig) -> int:
     if cfg.train.epochs:
         return cfg.train.epochs
-    size = cfg.data.synthetic_train if cfg.data.dataset == "synthetic" else TRAIN_SIZES[cfg.data.dataset]
+    size = datasets.get(cfg.data.dataset).num_train or cfg.data.synthetic_train
     per_epoch = max(1, size // cfg.train.batch_size)
     return max(1, math.ceil((cfg.train.iterations or 1) / per_epoch))
 
