@@ -13,6 +13,7 @@ checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ from resnet_cluster.config import JobConfig
 from resnet_cluster.engine import Callback, WorkerContext
 from resnet_cluster.engine.checkpoint import save_train_state
 from resnet_cluster.models.files import save_model_file
+
+log = logging.getLogger(__name__)
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "train_err", "lr", "images_per_sec", "time"]
 TEST_FIELDS = [
@@ -253,7 +256,7 @@ class ProgressForwarder(Callback):
         try:
             self.queue.put_nowait({"kind": kind, **_numbers(record)})
         except Exception:  # a full or vanished queue must never stop training
-            pass
+            log.debug("progress record dropped", exc_info=True)
 
     def on_start(self, info):
         self._put("start", info)

@@ -11,6 +11,7 @@ with a checkpoint when one is due).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from resnet_cluster.config import JobConfig
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.engine.checkpoint import load_train_state
+
+log = logging.getLogger(__name__)
 
 
 def worker_info(ctx: WorkerContext) -> dict[str, Any]:
@@ -34,8 +37,8 @@ def worker_info(ctx: WorkerContext) -> dict[str, Any]:
         import ray
 
         info["node_id"] = ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
+    except Exception:  # outside a Ray worker (tests): no node id
+        log.debug("no Ray runtime context", exc_info=True)
     if ctx.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(ctx.device)
     return info

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -31,6 +32,7 @@ from resnet_cluster.artifacts.fs_compat import strip_protocol
 from resnet_cluster.errors import StoreError
 from resnet_cluster.artifacts import layout
 
+log = logging.getLogger(__name__)
 _CHUNK = 1 << 20  # 1 MiB
 # S3 multipart: 16 MiB parts (S3's minimum is 5 MiB, at most 10,000 parts, so one object can
 # reach 156 GiB at this size; s3fs raises the part size beyond that), 10 parts in flight.
@@ -346,7 +348,7 @@ class ArtifactStore:
                 self._fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
                 aborted += 1
         except BaseException:  # noqa: BLE001 - best effort, see docstring
-            pass
+            log.debug("listing or aborting multipart uploads of %s failed", key, exc_info=True)
         return aborted
 
     def write_bytes(self, run_id: str, relpath: str, data: bytes) -> None:
