@@ -91,7 +91,7 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    # sgd: momentum_style picks the convention (REFERENCE.md §2; they differ at every lr change):
+    # sgd: momentum_style picks the convention (docs/references.md §2; they differ at every lr change):
     #   pytorch  v = m*v + g,         w -= lr*v
     #   caffe    v = m*v + lr*g,      w -= v        (KaimingHe's released models)
     #   torch7   v = m*v + (1-m)*g,   w -= lr*v     (optim.sgd with dampening = momentum)

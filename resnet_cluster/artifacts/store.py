@@ -3,7 +3,7 @@
 Every write is atomic per file: a reader sees the old file or the new one, never a prefix.
 Locally that is a temp file in the same folder plus ``os.replace``; on object stores it is one
 ``fs.put_file`` of a finished local file (a plain ``fs.open(path, "wb")`` commits a partial
-object on S3 when the writer raises, see RAY-NOTES.md "S3").
+object on S3 when the writer raises, see docs/ray-notes.md "S3").
 
 For S3 the endpoint comes from ``endpoint_url=`` (the job's ``artifacts.endpoint_url`` or
 ``$RESNET_CLUSTER_STORE_ENDPOINT``), else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, and the

@@ -4,7 +4,7 @@ A sweep file (``jobs/sweeps/*.yaml``) reproduces one published table::
 
     name: solvers
     title: "CIFAR-10: alternative solvers"
-    source: gcr/torch-residual-networks README (REFERENCE.md §4)
+    source: gcr/torch-residual-networks README (docs/references.md §4)
     base: ../cifar_gcr.yaml          # a job file, relative to this file, or an inline job
     set: {train.epochs: 200}         # dotted overrides applied to the base for every trial
     grid:                            # axes; the table's rows are their product, in order
