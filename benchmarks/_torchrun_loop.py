@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.engine import Callback, WorkerContext, fit
+from resnet_cluster.models import jobs
 
 
 class FirstStep(Callback):

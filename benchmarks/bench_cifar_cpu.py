@@ -22,8 +22,8 @@ import time
 import torch
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.engine import Callback, WorkerContext, fit
+from resnet_cluster.models import jobs
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "jobs", "smoke.yaml")
 

@@ -23,6 +23,7 @@ import torch
 
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.provenance import environment_snapshot
+from resnet_cluster.artifacts.registry import parse_events, parse_number
 from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
@@ -37,18 +38,6 @@ TEST_FIELDS = [
     "epoch", "iteration", "top1_err", "top5_err", "test_loss",
     "train_loss", "train_err", "lr", "images_per_sec", "epoch_time_s", "time",
 ]  # fmt: skip
-
-
-def _number(text: str | None) -> Any:
-    if text in (None, ""):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
 
 
 class RunRecorder(Callback):
@@ -82,16 +71,10 @@ class RunRecorder(Callback):
     def _earlier_start_in_this_submission(self) -> bool:
         if self.submission is None or not self.store.exists(self.run_id, layout.EVENTS):
             return False
-        import json
-
-        for line in self.store.read_text(self.run_id, layout.EVENTS).splitlines():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if ev.get("submission") == self.submission and ev.get("event") in ("started", "resumed", "restarted"):
-                return True
-        return False
+        return any(
+            ev.get("submission") == self.submission and ev.get("event") in ("started", "resumed", "restarted")
+            for ev in parse_events(self.store.read_text(self.run_id, layout.EVENTS))
+        )
 
     def _reload_evals(self) -> None:
         """Last and best evaluation from the rows kept on resume (epochs before the checkpoint)."""
@@ -99,7 +82,7 @@ class RunRecorder(Callback):
 
         with open(self.test_csv.local_path, newline="") as f:
             for row in csv.DictReader(f):
-                rec = {k: _number(v) for k, v in row.items()}
+                rec = {k: parse_number(v) for k, v in row.items()}
                 if rec.get("top1_err") is None:
                     continue
                 self.last_eval = rec

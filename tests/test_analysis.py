@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from resnet_cluster import config, models
-from resnet_cluster.models import jobs
 from resnet_cluster.analysis.responses import layer_responses
 from resnet_cluster.cli import app
 from resnet_cluster.data.loaders import build_loaders_for
 from resnet_cluster.engine import Callback, fit
+from resnet_cluster.models import jobs
 from resnet_cluster.models import registry
 from resnet_cluster.models.cifar import CifarResNet
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.engine import WorkerContext, fit
 from resnet_cluster.engine.bn import convert_sync_bn, dynamic_momentum, precise_bn
 from resnet_cluster.engine.loop import build_model, reset_bn_epoch
 from resnet_cluster.errors import ConfigError
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 TINY = ["scaling.workers=1", "train.batch_size=32", "data.synthetic_train=128", "data.synthetic_test=64",

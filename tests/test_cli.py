@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.engine import Callback, fit
+from resnet_cluster.models import jobs
 from test_data import PER_BATCH, N_TEST, write_archive
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from resnet_cluster import config, models
-from resnet_cluster.models import jobs
 from resnet_cluster.cli import app
 from resnet_cluster.errors import DataError
+from resnet_cluster.models import jobs
 from resnet_cluster.models.convert import from_torchvision
 
 LAYERS = {"resnet18": ([2, 2, 2, 2], False), "resnet50": ([3, 4, 6, 3], True)}

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.engine import Callback, WorkerContext, evaluate, fit
 from resnet_cluster.engine import checkpoint as ckpt
 from resnet_cluster.errors import ConfigError, DataError, UserError
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.engine import Callback, WorkerContext, fit
+from resnet_cluster.models import jobs
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 SMOKE = JOBS / "smoke.yaml"

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.callbacks import RunRecorder
 from resnet_cluster.engine import Callback, WorkerContext, evaluate, fit
 from resnet_cluster.engine.checkpoint import save_train_state
+from resnet_cluster.models import jobs
 from test_data import N_TEST, _write_legacy_layout, write_archive
 
 REPO = Path(__file__).resolve().parents[1]

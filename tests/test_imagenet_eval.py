@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
-from resnet_cluster.models.files import save_model_file
 from resnet_cluster.data import transforms as T
 from resnet_cluster.data.imagenet import prepare_imagenet
 from resnet_cluster.data.loaders import build_loaders_for
 from resnet_cluster.data.shards import read_manifest
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.engine.loop import evaluate
+from resnet_cluster.models import jobs
+from resnet_cluster.models.files import save_model_file
 
 torch.set_num_threads(1)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from resnet_cluster import config
-from resnet_cluster.models import jobs
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.errors import ClusterError, ConfigError
 from resnet_cluster.launch import failures, remote
 from resnet_cluster.launch.submit import _check_resources
 from resnet_cluster.launch.trainer import START_TIMEOUT_ENV, failure_config, scaling_plan, start_timeout_env
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 

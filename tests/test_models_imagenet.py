@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from resnet_cluster import config, models
-from resnet_cluster.models import jobs
 from resnet_cluster.errors import ConfigError, StoreError
+from resnet_cluster.models import jobs
 from resnet_cluster.models.blocks import Bottleneck, PreActBlock, PreActBottleneck
 from resnet_cluster.models.summary import count_macs, count_params, stage_table
 

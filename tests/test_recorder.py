@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from resnet_cluster import config, models
-from resnet_cluster.models import jobs
 from resnet_cluster.artifacts import layout
-from resnet_cluster.callbacks import TEST_FIELDS, TRAIN_FIELDS, RunRecorder
 from resnet_cluster.artifacts.store import ArtifactStore
+from resnet_cluster.callbacks import TEST_FIELDS, TRAIN_FIELDS, RunRecorder
 from resnet_cluster.engine import Callback, fit
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 RUN = "run-1"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resnet_cluster.artifacts.plots import pyplot
 from resnet_cluster.errors import ConfigError
 
 CSV_FIELDS = ["run", "label", "arch", "layer_index", "layer", "std", "sorted_rank", "images"]
@@ -157,10 +158,7 @@ def write_csv(results: list[dict[str, Any]], path: str) -> None:
 
 def plot_responses(results: list[dict[str, Any]], path: str) -> None:
     """Fig. 7's two panels: std by layer index (network order), and sorted by magnitude."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on cluster nodes
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), constrained_layout=True)
     for r in results:

@@ -28,9 +28,9 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
+from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.fs_compat import strip_protocol
 from resnet_cluster.errors import StoreError
-from resnet_cluster.artifacts import layout
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20  # 1 MiB

@@ -18,18 +18,18 @@ from typing import Any
 
 import yaml
 
+from resnet_cluster import datasets
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.manifest import write_manifest
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.run import RunWriter
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
-from resnet_cluster.models.jobs import from_dict
-from resnet_cluster import datasets
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
 from resnet_cluster.launch import cluster, failures
 from resnet_cluster.launch.ray_compat import bound_sigint_abort
 from resnet_cluster.launch.trainer import build_trainer, scaling_plan, start_timeout_env
+from resnet_cluster.models.jobs import from_dict
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from resnet_cluster.artifacts.registry import get_run, list_runs, parse_events
 from resnet_cluster.artifacts.run import RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
-from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.errors import ConfigError, StoreError
 from resnet_cluster.launch import cluster
 from resnet_cluster.launch.submit import check_dataset
 from resnet_cluster.launch.trainer import scaling_plan, scoped_env
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.sweep.spec import Sweep
 
 SWEEP_JSON = "sweep.json"

@@ -41,8 +41,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from resnet_cluster.config import parse_override, read_job_file, set_dotted
-from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.errors import ConfigError
+from resnet_cluster.models.jobs import from_dict
 
 SWEEP_DIR = Path("jobs") / "sweeps"
 ROW_SEP = " / "
