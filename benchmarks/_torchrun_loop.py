@@ -13,7 +13,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.models import jobs
 

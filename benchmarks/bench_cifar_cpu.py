@@ -21,7 +21,6 @@ import time
 
 import torch
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.models import jobs
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from resnet_cluster import config, models
+from resnet_cluster import models
 from resnet_cluster.analysis.responses import layer_responses
 from resnet_cluster.cli import app
 from resnet_cluster.data.loaders import build_loaders_for

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_cluster import config
 from resnet_cluster.engine import WorkerContext, fit
 from resnet_cluster.engine.bn import convert_sync_bn, dynamic_momentum, precise_bn
 from resnet_cluster.engine.loop import build_model, reset_bn_epoch

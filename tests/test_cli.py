@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, fit
 from resnet_cluster.models import jobs
 from test_data import PER_BATCH, N_TEST, write_archive

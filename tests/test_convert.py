@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from resnet_cluster import config, models
+from resnet_cluster import models
 from resnet_cluster.cli import app
 from resnet_cluster.errors import DataError
 from resnet_cluster.models import jobs

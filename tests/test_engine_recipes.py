@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.models import jobs
 

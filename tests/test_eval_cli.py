@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_cluster import config
 from resnet_cluster.callbacks import RunRecorder
 from resnet_cluster.engine import Callback, WorkerContext, evaluate, fit
 from resnet_cluster.engine.checkpoint import save_train_state

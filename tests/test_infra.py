@@ -73,7 +73,6 @@ def test_every_metric_gauge_reads_a_key_the_loop_really_produces():
     """Run the loop for a few steps and check each gauge's source key is in its records."""
     import torch
 
-    from resnet_cluster import config
     from resnet_cluster.models import jobs
     from resnet_cluster.engine import Callback, fit
 

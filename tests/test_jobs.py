@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet_cluster import config, models
+from resnet_cluster import models
 from resnet_cluster.models import jobs
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_cluster import config
 from resnet_cluster.engine import WorkerContext, fit
 from resnet_cluster.engine.loop import build_model
 from resnet_cluster.errors import ConfigError

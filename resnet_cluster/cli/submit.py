@@ -116,7 +116,6 @@ def submit(
 
     With --address http://HEAD:8265 (or RAY_ADDRESS) the job goes to that cluster through the
     Ray Jobs API and this command returns once it is submitted (or, with --follow, ended)."""
-    from resnet_cluster import config
     from resnet_cluster.models import jobs
     from resnet_cluster.launch.submit import RunFailed
     from resnet_cluster.launch.submit import submit as run_submit

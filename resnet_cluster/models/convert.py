@@ -112,7 +112,6 @@ def from_torchvision(
 def import_weights(path: str | os.PathLike[str], *, source: str, arch: str, out: str | os.PathLike[str]) -> dict[str, Any]:
     """Convert the checkpoint at ``path`` and write a ``model.pt`` that ``models.load``, eval and
     fine-tuning jobs read (the format of ``models.files.save_model_file``)."""
-    from resnet_cluster import config
     from resnet_cluster.models import jobs
     from resnet_cluster.models.files import save_model_file
     from resnet_cluster.models.registry import build
