@@ -13,8 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, fit
+from resnet_cluster.models import jobs
 
 
 class FirstStep(Callback):
@@ -26,7 +26,7 @@ class FirstStep(Callback):
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    cfg = config.load(sys.argv[1], sys.argv[2:])
+    cfg = jobs.load(sys.argv[1], sys.argv[2:])
     ctx = WorkerContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]))
     fit(cfg, ctx, callbacks=[FirstStep()], wrap_model=torch.nn.parallel.DistributedDataParallel)
     dist.destroy_process_group()

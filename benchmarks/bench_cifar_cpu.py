@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, fit
+from resnet_cluster.models import jobs
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "jobs", "smoke.yaml")
 
@@ -36,7 +36,7 @@ class Times(Callback):
 
 
 def measure(arch: str, iters: int, skip: int) -> float:
-    cfg = config.load(SMOKE, [
+    cfg = jobs.load(SMOKE, [
         f"model.arch={arch}", "scaling.workers=1", "train.batch_size=128", f"train.iterations={iters}",
         "train.log_every_iterations=1", f"data.synthetic_train={128 * iters}", "data.synthetic_test=128",
         "schedule.milestones=[]", "train.eval_every_epochs=1000",

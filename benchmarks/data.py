@@ -291,7 +291,7 @@ def main() -> None:
             "median_round_ratio": {k: median(k) for k in ("shards_over_baseline",
                                                           "s3_over_local")},
             "load_1min": [row["load_1min"] for row in rows],
-            # REFERENCE.md section 5: ResNet-50 at 2,470 img/s on one A100 (mixed precision)
+            # docs/references.md section 5: ResNet-50 at 2,470 img/s on one A100 (mixed precision)
             # and about 6.9k img/s per H100 in MLPerf.
             "cores_per_gpu": {"A100_2470": 2470 / med["shards"], "H100_6900": 6900 / med["shards"]},
             "cpu_count": os.cpu_count(),

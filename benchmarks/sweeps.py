@@ -10,7 +10,13 @@ On one running `ray start` cluster (so no figure includes starting Ray), with ti
               `submitted` event) to the run's `started` event; throughput = trials / wall time of
               the whole command
 
+  --remote    through the Jobs API of the same cluster, as a laptop user would: from launching
+              `resnet-cluster sweep smoke --address http://HEAD:8265 --follow` to the first trial's
+              first training step (its run's `started` event), against launching
+              `resnet-cluster submit` of one trial's job the same way; alternated, same cluster
+
     python benchmarks/sweeps.py [--trials 4] [--concurrency 1 2] [--repeats 2]
+    python benchmarks/sweeps.py --remote [--repeats 3]
 """
 
 from __future__ import annotations
@@ -94,12 +100,57 @@ def sweep_once(gcs: str, trials: int, concurrent: int) -> dict[str, object]:
     return {"trials": n, "wall_s": wall, "trials_per_hour": n / wall * 3600, "overhead_s": overheads}
 
 
+def remote_once(dashboard: str, kind: str) -> dict[str, float]:
+    """Launch a remote submit (one trial's job) or a remote 2-trial sweep with --follow; seconds
+    from the command's start to the first training step of its (first) run."""
+    store = Path(tempfile.mkdtemp(prefix=f"bench-remote-{kind}-"))
+    sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    if kind == "submit":
+        args = ["submit", "jobs/smoke.yaml", "--name", "remote-alone", "--set", "scaling.cpus_per_worker=1", *sets]
+    else:
+        args = ["sweep", "smoke", *sets]
+    t0 = time.time()
+    out = subprocess.run(
+        [CLI, *args, "--json", "--follow", "--address", dashboard],
+        env={**base_env(), "RESNET_CLUSTER_STORE": str(store)}, capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    wall = time.time() - t0
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    starts = [
+        _t(e) for run in (store / "runs").iterdir() for e in _events(store, run.name) if e["event"] == "started"
+    ]
+    return {"to_first_step_s": min(starts) - t0, "wall_s": wall}
+
+
+def remote_main(repeats: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-nodes-"))
+    head = start_head(tmp, num_cpus=2, resources={})
+    out: dict[str, object] = {"load_avg_start": os.getloadavg()}
+    try:
+        runs: dict[str, list] = {"submit": [], "sweep": []}
+        for _ in range(repeats):  # alternated, so both see the same drift in load
+            for kind in ("submit", "sweep"):
+                runs[kind].append(remote_once(head.dashboard, kind))
+        for kind, rs in runs.items():
+            out[f"remote_{kind}"] = {"to_first_step_s_median": statistics.median(r["to_first_step_s"] for r in rs), "runs": rs}
+        out["sweep_vs_submit"] = out["remote_sweep"]["to_first_step_s_median"] / out["remote_submit"]["to_first_step_s_median"]
+    finally:
+        head.kill()
+    out["load_avg_end"] = os.getloadavg()
+    print(json.dumps(out, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--remote", action="store_true", help="Jobs API: remote sweep vs remote submit, to first step")
     a = ap.parse_args()
+    if a.remote:
+        remote_main(a.repeats)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-nodes-"))
     head = start_head(tmp, num_cpus=2, resources={})
     out: dict[str, object] = {"load_avg_start": os.getloadavg()}

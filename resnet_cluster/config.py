@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resnet_cluster import datasets
 from resnet_cluster.errors import ConfigError
 
 DEFAULT_STORE = "./runs-store"
@@ -50,7 +51,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cifar10", "synthetic", "imagenet"] = "cifar10"
+    dataset: Literal[datasets.names()] = "cifar10"  # the registry in datasets.py
     root: str = "./data/cifar10"
     # paper: CIFAR pad 4, random 32x32 crop, flip (Section 4.2); ImageNet shorter side in
     # [256, 480], random 224 crop, flip, mean subtraction, PCA lighting (Section 3.4).
@@ -90,7 +91,7 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    # sgd: momentum_style picks the convention (REFERENCE.md §2; they differ at every lr change):
+    # sgd: momentum_style picks the convention (docs/references.md §2; they differ at every lr change):
     #   pytorch  v = m*v + g,         w -= lr*v
     #   caffe    v = m*v + lr*g,      w -= v        (KaimingHe's released models)
     #   torch7   v = m*v + (1-m)*g,   w -= lr*v     (optim.sgd with dampening = momentum)
@@ -436,32 +437,13 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def from_dict(data: dict, *, source: str = "job") -> JobConfig:
+def validate(data: dict, *, source: str = "job") -> JobConfig:
+    """The schema check alone. Jobs are loaded with ``models.jobs.from_dict`` / ``models.jobs.load``,
+    which also refuse a model the registry would refuse (config sits below models)."""
     try:
-        cfg = JobConfig.model_validate(data)
+        return JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, data)) from None
-    _check_model(cfg, source)
-    return cfg
-
-
-def _check_model(cfg: JobConfig, source: str) -> None:
-    """Refuse a model the registry would refuse, at load time rather than on the workers."""
-    import torch
-
-    from resnet_cluster import models
-
-    names = [m.name for m in models.available()]
-    if cfg.model.arch not in names:
-        raise ConfigError(
-            f"{source}: invalid job: field `model.arch`: got {cfg.model.arch!r}: unknown model; "
-            f"choose one of {', '.join(names)} (see `resnet-cluster models list`)."
-        )
-    try:
-        with torch.device("meta"):  # checks every option without allocating weights
-            models.build(cfg.model.arch, **cfg.model.model_dump(exclude={"arch"}))
-    except ConfigError as e:
-        raise ConfigError(f"{source}: invalid job: {e}") from None
 
 
 def read_job_file(path: str | os.PathLike, *, missing_hint: str = "for example jobs/smoke.yaml") -> dict:
@@ -476,10 +458,3 @@ def read_job_file(path: str | os.PathLike, *, missing_hint: str = "for example j
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a job file must be a mapping of sections, got {type(data).__name__}.")
     return data
-
-
-def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a job file, apply ``--set`` overrides, and validate. Raises ConfigError."""
-    data = apply_overrides(read_job_file(path), overrides)
-    source = str(path) + (" (with --set overrides)" if overrides else "")
-    return from_dict(data, source=source)

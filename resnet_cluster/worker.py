@@ -3,86 +3,26 @@
 Ray Train calls it on every worker with a plain dict (see ``launch.trainer``). It rebuilds the
 JobConfig, takes rank, world size and device from Ray Train's context, resumes from
 ``ray.train.get_checkpoint()`` when there is one, and runs :func:`engine.fit` with three
-callbacks: the run recorder (rank 0 writes CSVs, events, environment and model to the store),
-the progress forwarder (rank 0 -> the driver's live display), and the Ray reporter
-(``ray.train.report`` once per epoch on every rank, with a checkpoint when one is due).
+callbacks from :mod:`resnet_cluster.callbacks`: the run recorder (rank 0 writes CSVs, events,
+environment and model to the store), the progress forwarder (rank 0 -> the driver's live
+display), Ray metrics, and the Ray reporter (``ray.train.report`` once per epoch on every rank,
+with a checkpoint when one is due).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import socket
-import tempfile
 from typing import Any
 
 import torch
 
 from resnet_cluster.config import JobConfig
 from resnet_cluster.engine import Callback, WorkerContext, fit
-from resnet_cluster.engine.checkpoint import load_train_state, save_train_state
+from resnet_cluster.engine.checkpoint import load_train_state
 
-
-def _numbers(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-class RayReporter(Callback):
-    """Calls ``ray.train.report`` once per epoch on every rank (it is a barrier), attaching a
-    checkpoint from rank 0 every ``checkpoint.every_epochs`` and at the end."""
-
-    def __init__(self, cfg: JobConfig, ctx: WorkerContext):
-        self.cfg, self.ctx, self.total_epochs = cfg, ctx, 0
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        self.total_epochs = info["total_epochs"]
-
-    def on_epoch_end(self, record, state) -> None:
-        import ray.train
-
-        epoch = record["epoch"]
-        due = (epoch + 1) % self.cfg.checkpoint.every_epochs == 0 or epoch + 1 == self.total_epochs
-        metrics = _numbers(record)
-        if not (due and self.ctx.is_main):
-            ray.train.report(metrics)
-            return
-        tmp = tempfile.mkdtemp(prefix="rc-ckpt-")
-        try:
-            save_train_state(tmp, state())
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
-            )
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-class ProgressForwarder(Callback):
-    """Sends log and epoch records to the driver's ``ray.util.queue.Queue`` (rank 0 only)."""
-
-    def __init__(self, queue, workers: list[dict[str, Any]] | None = None):
-        self.queue = queue
-        self.workers = workers or []
-
-    def _put(self, kind: str, record: dict[str, Any]) -> None:
-        # plain values only (numbers, flags, names), nothing that holds tensors or modules
-        plain = {k: v for k, v in record.items() if isinstance(v, (int, float, bool, str)) or (
-            isinstance(v, list) and all(isinstance(x, str) for x in v))}  # fmt: skip
-        try:
-            self.queue.put_nowait({"kind": kind, **plain})
-        except Exception:  # a full or vanished queue must never stop training
-            pass
-
-    def on_start(self, info):
-        # the start line names the worker group: how many, and on which devices
-        self._put("start", {**info, "world_size": len(self.workers), "devices": [w["device"] for w in self.workers]})
-
-    def on_log(self, record):
-        self._put("log", record)
-
-    def on_epoch_end(self, record, state):
-        self._put("epoch", record)
+log = logging.getLogger(__name__)
 
 
 def worker_info(ctx: WorkerContext) -> dict[str, Any]:
@@ -97,8 +37,8 @@ def worker_info(ctx: WorkerContext) -> dict[str, Any]:
         import ray
 
         info["node_id"] = ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
+    except Exception:  # outside a Ray worker (tests): no node id
+        log.debug("no Ray runtime context", exc_info=True)
     if ctx.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(ctx.device)
     return info
@@ -108,9 +48,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from resnet_cluster.artifacts.recorder import RunRecorder
-    from resnet_cluster.config import from_dict
-    from resnet_cluster.metrics import RayMetrics
+    from resnet_cluster.callbacks import ProgressForwarder, RayMetrics, RayReporter, RunRecorder
+    from resnet_cluster.models.jobs import from_dict
 
     cfg = from_dict(config["job"], source="job (on worker)")
     # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree with the job's request.

@@ -117,7 +117,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 
 def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None, env_extra: dict | None = None) -> RayNode:
-    # `ray start --head` enables token auth only when a token exists (RAY-NOTES.md).
+    # `ray start --head` enables token auth only when a token exists (docs/ray-notes.md).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base_env(), capture_output=True)
     head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log", env_extra=env_extra)
     wait_for_nodes(head, 1)

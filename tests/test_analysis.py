@@ -9,11 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from resnet_cluster import config, models
+from resnet_cluster import models
 from resnet_cluster.analysis.responses import layer_responses
 from resnet_cluster.cli import app
 from resnet_cluster.data.loaders import build_loaders_for
 from resnet_cluster.engine import Callback, fit
+from resnet_cluster.models import jobs
 from resnet_cluster.models import registry
 from resnet_cluster.models.cifar import CifarResNet
 
@@ -64,7 +65,7 @@ def test_residual_responses_are_smaller_than_plain_ones() -> None:
     try:
         mean_std = {}
         for plain, name in names.items():
-            cfg = config.load(SMOKE, [
+            cfg = jobs.load(SMOKE, [
                 "scaling.workers=1", "train.batch_size=32", "data.synthetic_train=512",
                 "data.synthetic_test=128", "train.iterations=64", "schedule.milestones=[1000]",
                 "data.augment=none", f"model.arch={name}", "seed=1",
@@ -84,11 +85,11 @@ def test_residual_responses_are_smaller_than_plain_ones() -> None:
 
 
 def test_cli_writes_csv_and_two_panel_png_for_several_runs(tmp_path) -> None:
-    from resnet_cluster.artifacts.recorder import save_model_file
+    from resnet_cluster.models.files import save_model_file
 
     paths = []
     for arch in ("cifar_plain20", "cifar_resnet20"):
-        cfg = config.load(SMOKE, ["data.synthetic_test=64", f"model.arch={arch}"])
+        cfg = jobs.load(SMOKE, ["data.synthetic_test=64", f"model.arch={arch}"])
         torch.manual_seed(0)
         path = tmp_path / "runs" / f"{arch}-run" / "model.pt"
         path.parent.mkdir(parents=True)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_cluster import config
 from resnet_cluster.engine import WorkerContext, fit
 from resnet_cluster.engine.bn import convert_sync_bn, dynamic_momentum, precise_bn
 from resnet_cluster.engine.loop import build_model, reset_bn_epoch
 from resnet_cluster.errors import ConfigError
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 TINY = ["scaling.workers=1", "train.batch_size=32", "data.synthetic_train=128", "data.synthetic_test=64",
@@ -36,11 +36,11 @@ def test_dynamic_momentum_values():
 
 
 def test_dynamic_policy_is_the_average_of_this_epochs_batches():
-    cfg = config.load(SMOKE, [*TINY, "bn.policy=dynamic"])
+    cfg = jobs.load(SMOKE, [*TINY, "bn.policy=dynamic"])
     model = build_model(cfg)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.momentum is None for m in bns)
-    fixed = build_model(config.load(SMOKE, [*TINY, "bn.momentum=0.3"]))
+    fixed = build_model(jobs.load(SMOKE, [*TINY, "bn.momentum=0.3"]))
     assert all(m.momentum == 0.3 for m in fixed.modules() if isinstance(m, nn.BatchNorm2d))
 
     bn = nn.BatchNorm2d(3, momentum=None)
@@ -76,7 +76,7 @@ def _fit_model(cfg):
 def test_fit_resets_the_dynamic_count_every_epoch():
     # 128 images / 32 = 4 iterations per epoch, 8 iterations = 2 epochs: without the reset at
     # each epoch start num_batches_tracked would end at 8.
-    model = _fit_model(config.load(SMOKE, [*TINY, "bn.policy=dynamic"]))
+    model = _fit_model(jobs.load(SMOKE, [*TINY, "bn.policy=dynamic"]))
     counts = {m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     assert counts == {4}
 
@@ -118,7 +118,7 @@ def test_precise_bn_uses_only_n_batches():
 
 
 def test_fit_with_precise_bn_sets_the_final_running_stats():
-    cfg = config.load(SMOKE, [*TINY, "bn.precise_batches=2", "data.augment=none"])
+    cfg = jobs.load(SMOKE, [*TINY, "bn.precise_batches=2", "data.augment=none"])
     model = _fit_model(cfg)
     # recompute: the same two first batches of the last epoch, on the final weights
     from resnet_cluster.data.loaders import build_loaders_for
@@ -137,7 +137,7 @@ def test_fit_with_precise_bn_sets_the_final_running_stats():
 
 
 def test_sync_bn_conversion_keeps_state_dict_and_needs_gpu():
-    cfg = config.load(SMOKE, TINY)
+    cfg = jobs.load(SMOKE, TINY)
     model = build_model(cfg)
     synced = convert_sync_bn(build_model(cfg))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
@@ -149,4 +149,4 @@ def test_sync_bn_conversion_keeps_state_dict_and_needs_gpu():
     model.eval()
     torch.testing.assert_close(synced(x), model(x))  # eval mode runs on the CPU too
     with pytest.raises(ConfigError, match="bn.sync"):
-        config.load(SMOKE, [*TINY, "bn.sync=true"])
+        jobs.load(SMOKE, [*TINY, "bn.sync=true"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, fit
+from resnet_cluster.models import jobs
 from test_data import PER_BATCH, N_TEST, write_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_data_prepare_cifar10_from_a_genuine_archive(prepared):
 def test_training_reads_the_prepared_dataset(prepared):
     """The real CIFAR path of the loop (not synthetic): every test image is evaluated."""
     dest, summary = prepared
-    cfg = config.load(
+    cfg = jobs.load(
         REPO / "jobs" / "cifar_r20.yaml",
         [f"data.root={dest}", "scaling.use_gpu=false", "scaling.workers=1", "train.batch_size=10",
          "train.iterations=4", "schedule.milestones=[]"],

@@ -280,7 +280,7 @@ def test_killed_worker_restarts_from_checkpoint(cluster):
               "--set", "train.iterations=150", "--set", "failure.max_failures=3", *SMALL)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     wait_for_checkpoint(c, "crash", 2)
-    time.sleep(6)  # let the checkpoint's report finish (RAY-NOTES: a kill within ~1 s can lose it)
+    time.sleep(6)  # let the checkpoint's report finish (docs/ray-notes.md: a kill within ~1 s can lose it)
     env = json.loads((run_dir(c, "crash") / "environment.json").read_text())
     victim = next(w for w in env["workers"] if w["rank"] == 1)
     os.kill(victim["pid"], signal.SIGKILL)  # hard kill from outside, no cleanup
@@ -315,7 +315,7 @@ def test_lost_node_with_room_left_restarts_from_checkpoint(cluster):
               *SMALL)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     wait_for_checkpoint(c, "nodeloss", 2)
-    time.sleep(6)  # let the checkpoint's report finish (RAY-NOTES: a kill within ~1 s can lose it)
+    time.sleep(6)  # let the checkpoint's report finish (docs/ray-notes.md: a kill within ~1 s can lose it)
     assert worker_nodes(c, "nodeloss") == {c["head_id"], c["second_id"]}  # SPREAD: one worker per node
     c["second"].kill()  # the whole node: raylet, its workers, everything its `ray start` started
     doc = wait_job_end(c, "nodeloss")

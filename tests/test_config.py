@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from resnet_cluster import config
-from resnet_cluster.config import JobConfig, apply_overrides, from_dict, load, parse_override
+from resnet_cluster.config import JobConfig, apply_overrides, parse_override
 from resnet_cluster.errors import ConfigError, UserError
+from resnet_cluster.models.jobs import from_dict, load
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke.yaml"

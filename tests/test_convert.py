@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from resnet_cluster import config, models
+from resnet_cluster import models
 from resnet_cluster.cli import app
 from resnet_cluster.errors import DataError
+from resnet_cluster.models import jobs
 from resnet_cluster.models.convert import from_torchvision
 
 LAYERS = {"resnet18": ([2, 2, 2, 2], False), "resnet50": ([3, 4, 6, 3], True)}
@@ -137,7 +138,7 @@ def test_cli_import_writes_a_loadable_model_file(tmp_path) -> None:
     doc = torch.load(out, weights_only=False)
     assert set(doc) >= {"format", "arch", "model_options", "state_dict", "config", "summary"}
     # The stored job validates, and its model section is what the model was built from.
-    cfg = config.from_dict(doc["config"])
+    cfg = jobs.from_dict(doc["config"])
     assert cfg.model.model_dump(exclude={"arch"}) == doc["model_options"]
     assert cfg.model.num_classes == 10 and cfg.model.bottleneck_stride == "v1.5"
     x = torch.randn(1, 3, 64, 64)

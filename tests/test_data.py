@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from resnet_cluster.config import from_dict
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.data import (
     ImageBatches,
     build_loaders_for,

@@ -16,6 +16,7 @@ from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, evaluate, fit
 from resnet_cluster.engine import checkpoint as ckpt
 from resnet_cluster.errors import ConfigError, DataError, UserError
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str) -> config.JobConfig:
-    return config.load(SMOKE, [*TINY, *extra])
+    return jobs.load(SMOKE, [*TINY, *extra])
 
 
 class Collect(Callback):
@@ -75,7 +76,7 @@ class _Interrupted(Exception):
 
 # ---------------------------------------------------------------------------- learning
 def test_fit_smoke_job_learns():
-    cfg = config.load(
+    cfg = jobs.load(
         SMOKE,
         [
             "scaling.workers=1",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_cluster import config
 from resnet_cluster.engine import Callback, WorkerContext, fit
+from resnet_cluster.models import jobs
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 SMOKE = JOBS / "smoke.yaml"
@@ -33,7 +33,7 @@ def head(path: Path) -> str:
 def test_imagenet_job_follows_the_paper(key):
     arch, figure = IMAGENET[key]
     path = JOBS / f"imagenet_{key}.yaml"
-    cfg = config.load(path)
+    cfg = jobs.load(path)
     assert cfg.model.arch == arch and cfg.data.dataset == "imagenet" and cfg.data.augment == "paper"
     assert (cfg.scaling.workers, cfg.per_worker_batch, cfg.train.batch_size) == (8, 32, 256)
     o = cfg.optim
@@ -44,19 +44,19 @@ def test_imagenet_job_follows_the_paper(key):
 
 
 def test_ninety_epoch_variant_and_extra_cifar_jobs():
-    v = config.load(JOBS / "imagenet_r50_90ep.yaml")
+    v = jobs.load(JOBS / "imagenet_r50_90ep.yaml")
     assert v.train.epochs == 90 and v.schedule.milestones == [30, 60] and v.data.augment == "inception"
     assert "23.87%" in head(JOBS / "imagenet_r50_90ep.yaml")
     # the one-line --set documented in that file turns the paper job into the same schedule
-    one_line = config.load(JOBS / "imagenet_r101.yaml", ["train.iterations=null", "train.epochs=90",
+    one_line = jobs.load(JOBS / "imagenet_r101.yaml", ["train.iterations=null", "train.epochs=90",
                                                           "schedule.policy=multistep", "schedule.milestones=[30,60]"])
     assert one_line.train.unit == "epochs" and one_line.schedule.milestones == [30, 60]
-    r1202 = config.load(JOBS / "cifar_r1202.yaml")
+    r1202 = jobs.load(JOBS / "cifar_r1202.yaml")
     assert r1202.model.arch == "cifar_resnet1202" and r1202.train.iterations == 64_000
     assert "Table 6" in head(JOBS / "cifar_r1202.yaml") and "7.93%" in head(JOBS / "cifar_r1202.yaml")
     for depth in (20, 32, 44, 56, 110):
         path = JOBS / f"cifar_plain{depth}.yaml"
-        cfg = config.load(path)
+        cfg = jobs.load(path)
         assert cfg.model.arch == f"cifar_plain{depth}" and cfg.schedule.milestones == [32_000, 48_000]
         assert "Figure 6" in head(path) and "no table figure" in head(path)
 
@@ -77,7 +77,7 @@ def test_fit_drops_lr_on_plateau_and_checkpoints_the_state():
     # threshold 100 points: no evaluation can count as an improvement, so with patience 1 the
     # lr is divided by 10 at every second evaluation after the first (epochs 2 and 4).
     cb = Logs()
-    fit(config.load(SMOKE, [*TINY, "train.iterations=null", "train.epochs=5", "schedule.policy=plateau", "schedule.patience=1",
+    fit(jobs.load(SMOKE, [*TINY, "train.iterations=null", "train.epochs=5", "schedule.policy=plateau", "schedule.patience=1",
                             "schedule.threshold=100", "optim.lr=0.1"]), WorkerContext(), callbacks=[cb])
     lr_by_epoch = [max(r["lr"] for r in cb.logs if r["epoch"] == e) for e in range(5)]
     assert lr_by_epoch == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01])
@@ -89,7 +89,7 @@ def test_fit_applies_linear_scaling_with_linear_warmup():
     # batch 32 against a reference batch of 8: lr 0.05 * 4 = 0.2, reached linearly over 4
     # iterations from the unscaled 0.05.
     cb = Logs()
-    fit(config.load(SMOKE, [*TINY, "train.iterations=6", "optim.lr=0.05", "optim.scale_lr_with_batch=true",
+    fit(jobs.load(SMOKE, [*TINY, "train.iterations=6", "optim.lr=0.05", "optim.scale_lr_with_batch=true",
                             "optim.reference_batch=8", "schedule.warmup={policy: linear, iterations: 4}"]),
         WorkerContext(), callbacks=[cb])
     assert [r["lr"] for r in cb.logs] == pytest.approx([0.05, 0.0875, 0.125, 0.1625, 0.2, 0.2])

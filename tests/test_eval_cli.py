@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_cluster import config
-from resnet_cluster.artifacts.recorder import RunRecorder
+from resnet_cluster.callbacks import RunRecorder
 from resnet_cluster.engine import Callback, WorkerContext, evaluate, fit
 from resnet_cluster.engine.checkpoint import save_train_state
+from resnet_cluster.models import jobs
 from test_data import N_TEST, _write_legacy_layout, write_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
     proc = cli("data", "prepare", "cifar10", "--source", str(tmp / "cifar.tar.gz"), "--dest", str(tmp / "data"), "--json")
     assert proc.returncode == 0, proc.stderr
     store = tmp / "store"
-    cfg = config.from_dict({
+    cfg = jobs.from_dict({
         "name": "evaltest", "model": {"arch": "cifar_resnet20"},
         "data": {"dataset": "cifar10", "root": str(tmp / "data")},
         "train": {"batch_size": 4, "iterations": 10, "log_every_iterations": 5},

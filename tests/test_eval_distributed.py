@@ -44,7 +44,7 @@ def shard_batches(x, y, rank, world):
 
 
 def run_all(ctx: WorkerContext) -> dict:
-    from resnet_cluster.config import from_dict
+    from resnet_cluster.models.jobs import from_dict
     from resnet_cluster.optim import LRSchedule
 
     images, labels, views, train = data()

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from resnet_cluster import config
-from resnet_cluster.artifacts.recorder import save_model_file
 from resnet_cluster.data import transforms as T
 from resnet_cluster.data.imagenet import prepare_imagenet
 from resnet_cluster.data.loaders import build_loaders_for
 from resnet_cluster.data.shards import read_manifest
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.engine.loop import evaluate
+from resnet_cluster.models import jobs
+from resnet_cluster.models.files import save_model_file
 
 torch.set_num_threads(1)
 
@@ -81,7 +82,7 @@ def dataset(tmp_path_factory):
 def job(dest: str, protocol: str) -> config.JobConfig:
     """The ResNet-18 job as written (option A, channels_last, precise BN, plateau schedule),
     cut down to one CPU process and one epoch of batches of 2."""
-    return config.load(REPO / "jobs" / "imagenet_r18.yaml", [
+    return jobs.load(REPO / "jobs" / "imagenet_r18.yaml", [
         f"data.root={dest}", "data.loader_workers=0", "scaling.use_gpu=false",
         "scaling.workers=1", "scaling.cpus_per_worker=1", "train.batch_size=2",
         "train.iterations=6", "train.log_every_iterations=3",  # one epoch of 12 images

@@ -9,7 +9,7 @@ import jsonschema
 import ray
 import yaml
 
-from resnet_cluster.metrics import EPOCH_GAUGES, GAUGES
+from resnet_cluster.callbacks import EPOCH_GAUGES, GAUGES
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
@@ -73,7 +73,7 @@ def test_every_metric_gauge_reads_a_key_the_loop_really_produces():
     """Run the loop for a few steps and check each gauge's source key is in its records."""
     import torch
 
-    from resnet_cluster import config
+    from resnet_cluster.models import jobs
     from resnet_cluster.engine import Callback, fit
 
     logs, epochs = [], []
@@ -88,7 +88,7 @@ def test_every_metric_gauge_reads_a_key_the_loop_really_produces():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = config.load(INFRA.parent / "jobs" / "smoke.yaml", [
+        cfg = jobs.load(INFRA.parent / "jobs" / "smoke.yaml", [
             "scaling.workers=1", "train.batch_size=16", "train.iterations=4", "train.log_every_iterations=2",
             "data.synthetic_train=64", "data.synthetic_test=32"])  # fmt: skip
         fit(cfg, callbacks=[Collect()])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from resnet_cluster import config, models
+from resnet_cluster import models
+from resnet_cluster.models import jobs
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
@@ -15,7 +16,7 @@ TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
 def test_job_file_validates(path):
-    cfg = config.load(path)
+    cfg = jobs.load(path)
     assert cfg.model.arch in {m.name for m in models.available()}
     assert cfg.train.batch_size % cfg.scaling.workers == 0
 
@@ -23,7 +24,7 @@ def test_job_file_validates(path):
 @pytest.mark.parametrize("depth", sorted(TABLE6))
 def test_cifar_job_follows_the_paper(depth):
     path = JOBS / f"cifar_r{depth}.yaml"
-    cfg = config.load(path)
+    cfg = jobs.load(path)
     assert cfg.model.arch == f"cifar_resnet{depth}" and cfg.model.shortcut == "A"
     assert cfg.data.dataset == "cifar10" and cfg.data.augment == "paper"
     assert cfg.train.batch_size == 128 and cfg.train.iterations == 64_000
@@ -39,6 +40,6 @@ def test_cifar_job_follows_the_paper(depth):
 
 
 def test_smoke_job_is_small():
-    cfg = config.load(JOBS / "smoke.yaml")
+    cfg = jobs.load(JOBS / "smoke.yaml")
     assert cfg.data.dataset == "synthetic" and cfg.scaling.workers == 2 and not cfg.scaling.use_gpu
     assert cfg.model.arch == "cifar_resnet20" and 100 <= cfg.train.iterations <= 1000

@@ -14,23 +14,24 @@ from resnet_cluster.errors import ClusterError, ConfigError
 from resnet_cluster.launch import failures, remote
 from resnet_cluster.launch.submit import _check_resources
 from resnet_cluster.launch.trainer import START_TIMEOUT_ENV, failure_config, scaling_plan, start_timeout_env
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
 
 def test_scaling_plan_splits_the_global_batch_and_maps_placement():
-    cfg = config.load(SMOKE, ["scaling.workers=4", "train.batch_size=256", "scaling.placement=SPREAD"])
+    cfg = jobs.load(SMOKE, ["scaling.workers=4", "train.batch_size=256", "scaling.placement=SPREAD"])
     plan = scaling_plan(cfg)
     assert plan["per_worker_batch"] == 64 and plan["backend"] == "gloo"
     assert plan["placement_strategy"] == "SPREAD"
     assert plan["resources_per_worker"] == {"CPU": 1.0}
-    gpu = scaling_plan(config.load(SMOKE, ["scaling.use_gpu=true", "scaling.gpus_per_worker=1"]))
+    gpu = scaling_plan(jobs.load(SMOKE, ["scaling.use_gpu=true", "scaling.gpus_per_worker=1"]))
     assert gpu["backend"] == "nccl" and gpu["resources_per_worker"]["GPU"] == 1
 
 
 @pytest.mark.parametrize("per_node,share", [(8, 0.125), (4, 0.25), (3, 0.3333), (1, 1.0)])
 def test_workers_per_node_takes_a_share_of_the_node_resource(per_node, share):
-    cfg = config.load(SMOKE, [f"scaling.workers={per_node * 2}", f"train.batch_size={per_node * 2 * 8}",
+    cfg = jobs.load(SMOKE, [f"scaling.workers={per_node * 2}", f"train.batch_size={per_node * 2 * 8}",
                               f"scaling.workers_per_node={per_node}"])  # fmt: skip
     res = scaling_plan(cfg)["resources_per_worker"]
     assert res["worker_node"] == share
@@ -39,18 +40,18 @@ def test_workers_per_node_takes_a_share_of_the_node_resource(per_node, share):
 
 def test_workers_per_node_must_divide_workers_and_exclude_strict_spread():
     with pytest.raises(ConfigError, match="workers_per_node"):
-        config.load(SMOKE, ["scaling.workers_per_node=3"])
+        jobs.load(SMOKE, ["scaling.workers_per_node=3"])
     with pytest.raises(ConfigError, match="STRICT_SPREAD"):
-        config.load(SMOKE, ["scaling.workers_per_node=2", "scaling.placement=STRICT_SPREAD"])
+        jobs.load(SMOKE, ["scaling.workers_per_node=2", "scaling.placement=STRICT_SPREAD"])
 
 
 def test_local_cluster_too_small_is_a_clear_error():
-    cfg = config.load(SMOKE, ["scaling.workers_per_node=2"])
+    cfg = jobs.load(SMOKE, ["scaling.workers_per_node=2"])
     info = {"local": True, "address": "local", "resources": {"CPU": 2.0}}
     with pytest.raises(ClusterError, match="worker_node"):
         _check_resources(cfg, info)
     with pytest.raises(ClusterError, match="use_gpu: false"):
-        _check_resources(config.load(SMOKE, ["scaling.use_gpu=true"]), info)
+        _check_resources(jobs.load(SMOKE, ["scaling.use_gpu=true"]), info)
     _check_resources(cfg, {**info, "local": False})  # a remote cluster may autoscale: no check
 
 
@@ -77,19 +78,19 @@ def test_worker_group_starts_wait_start_timeout_s_once_then_fail(monkeypatch):
     assert START_TIMEOUT_ENV == constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
     assert START_TIMEOUT_ENV in constants.ENV_VARS_TO_PROPAGATE
     monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
-    cfg = config.load(SMOKE, ["failure.max_failures=2", "failure.start_timeout_s=45"])
+    cfg = jobs.load(SMOKE, ["failure.max_failures=2", "failure.start_timeout_s=45"])
     fc = failure_config(cfg)
     assert fc.max_failures == 2 and fc.controller_failure_limit == 0  # a timed-out start is not retried
     with start_timeout_env(cfg):
         assert os.environ[START_TIMEOUT_ENV] == "45"
         assert constants.get_env_vars_to_propagate()[START_TIMEOUT_ENV] == "45"
     assert START_TIMEOUT_ENV not in os.environ  # restored
-    forever = config.load(SMOKE, ["failure.start_timeout_s=-1"])
+    forever = jobs.load(SMOKE, ["failure.start_timeout_s=-1"])
     assert failure_config(forever).controller_failure_limit == -1  # Ray's default: retry forever
     with start_timeout_env(forever):
         assert START_TIMEOUT_ENV not in os.environ
     with pytest.raises(ConfigError, match="start_timeout_s"):
-        config.load(SMOKE, ["failure.start_timeout_s=0"])
+        jobs.load(SMOKE, ["failure.start_timeout_s=0"])
 
 
 def _failed_run(tmp_path, *, checkpoint: bool) -> ArtifactStore:
@@ -110,7 +111,7 @@ def test_a_lost_node_is_named_with_the_checkpoint_to_resume_from(tmp_path):
     err = WorkerGroupError("Training failed due to worker errors", {1: RuntimeError("gloo: connection reset")})
     before = {"a" * 56: "10.0.0.1", "b" * 56: "10.0.0.2", "c" * 56: "10.0.0.3"}
     now = {"a" * 56: "10.0.0.1"}  # b hosted a worker and is gone; c hosted none and is gone too
-    cfg = config.load(SMOKE)
+    cfg = jobs.load(SMOKE)
     cause, msg = failures.explain(err, cfg, store, "r1", nodes_before=before, nodes_now=now)
     assert cause == "node_lost"
     assert "Ray node bbbbbbbb (10.0.0.2)" in msg and "cccccccc" not in msg
@@ -128,7 +129,7 @@ def test_a_start_without_resources_is_explained_even_before_any_checkpoint(tmp_p
 
     store = _failed_run(tmp_path, checkpoint=False)
     err = ControllerError(WorkerGroupStartupTimeoutError(num_workers=4))
-    cfg = config.load(SMOKE, ["scaling.workers=4", "scaling.placement=STRICT_SPREAD", "failure.start_timeout_s=300"])
+    cfg = jobs.load(SMOKE, ["scaling.workers=4", "scaling.placement=STRICT_SPREAD", "failure.start_timeout_s=300"])
     nodes = {"a" * 56: "10.0.0.1"}
     cause, msg = failures.explain(err, cfg, store, "r1", nodes_before=nodes, nodes_now=nodes)
     assert cause == "no_resources"
@@ -145,13 +146,13 @@ def test_resume_accepts_a_run_recorded_before_a_key_existed_and_refuses_another_
     from resnet_cluster.launch.submit import prepare_run
 
     store = ArtifactStore(tmp_path / "store")
-    cfg = config.load(SMOKE, [f"artifacts.store={tmp_path / 'store'}"])
+    cfg = jobs.load(SMOKE, [f"artifacts.store={tmp_path / 'store'}"])
     assert prepare_run(cfg, store, "r1", provenance=("c\n", "")) is False
     # The run was recorded by a version without failure.start_timeout_s: the default applies.
     old = yaml.safe_load(store.read_text("r1", layout.CONFIG))
     del old["failure"]["start_timeout_s"]
     store.write_text("r1", layout.CONFIG, yaml.safe_dump(old))
     assert prepare_run(cfg, store, "r1") is True
-    other = config.load(SMOKE, [f"artifacts.store={tmp_path / 'store'}", "optim.lr=0.05"])
+    other = jobs.load(SMOKE, [f"artifacts.store={tmp_path / 'store'}", "optim.lr=0.05"])
     with pytest.raises(StoreError, match="differs in: optim.lr"):
         prepare_run(other, store, "r1")

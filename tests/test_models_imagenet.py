@@ -8,6 +8,7 @@ from torch import nn
 
 from resnet_cluster import config, models
 from resnet_cluster.errors import ConfigError, StoreError
+from resnet_cluster.models import jobs
 from resnet_cluster.models.blocks import Bottleneck, PreActBlock, PreActBottleneck
 from resnet_cluster.models.summary import count_macs, count_params, stage_table
 
@@ -185,13 +186,13 @@ def test_every_net_builds_with_every_model_key_from_the_job_file() -> None:
     # config._check_model passes every ModelConfig key, on the meta device.
     for m in models.available():
         shortcut = "B" if m.block == "bottleneck" else "A"
-        cfg = config.from_dict({"model": {"arch": m.name, "shortcut": shortcut}})
+        cfg = jobs.from_dict({"model": {"arch": m.name, "shortcut": shortcut}})
         assert cfg.model.block is None
 
 
 def test_job_file_refuses_option_a_on_a_bottleneck_net_at_load() -> None:
     with pytest.raises(ConfigError, match="model.shortcut"):
-        config.from_dict({"model": {"arch": "resnet50"}})
+        jobs.from_dict({"model": {"arch": "resnet50"}})
 
 
 def test_stage_table_is_table1() -> None:
@@ -212,9 +213,9 @@ def test_zero_init_residual_on_bottleneck_zeroes_bn3() -> None:
 
 
 def test_load_from_model_file_run_folder_and_run_id(tmp_path, monkeypatch) -> None:
-    from resnet_cluster.artifacts.recorder import save_model_file
+    from resnet_cluster.models.files import save_model_file
 
-    cfg = config.from_dict({"model": {"arch": "cifar_resnet20", "shortcut": "B", "block": "no_relu"}})
+    cfg = jobs.from_dict({"model": {"arch": "cifar_resnet20", "shortcut": "B", "block": "no_relu"}})
     torch.manual_seed(3)
     net = models.build("cifar_resnet20", shortcut="B", block="no_relu")
     run = tmp_path / "runs" / "r20-test"

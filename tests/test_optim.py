@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_cluster.config import OptimConfig, from_dict
+from resnet_cluster.config import OptimConfig
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.optim import LRSchedule, build_optimizer
 
 

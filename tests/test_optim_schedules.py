@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from resnet_cluster.config import from_dict
 from resnet_cluster.errors import ConfigError
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.optim import LRSchedule
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_cluster.config import OptimConfig, from_dict
+from resnet_cluster.config import OptimConfig
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.optim import MomentumSGD, build_optimizer, param_groups, scaled_lr
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_cluster import config
 from resnet_cluster.engine import WorkerContext, fit
 from resnet_cluster.engine.loop import build_model
 from resnet_cluster.errors import ConfigError
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 TINY = ["scaling.workers=1", "train.batch_size=32", "data.synthetic_train=128", "data.synthetic_test=64",
@@ -39,12 +39,12 @@ class Keep:
 
 def run(*extra):
     keep = Keep()
-    summary = fit(config.load(SMOKE, [*TINY, *extra]), WorkerContext(), callbacks=[keep])
+    summary = fit(jobs.load(SMOKE, [*TINY, *extra]), WorkerContext(), callbacks=[keep])
     return summary, keep
 
 
 def test_bf16_channels_last_step_is_close_to_fp32():
-    cfg = config.load(SMOKE, TINY)
+    cfg = jobs.load(SMOKE, TINY)
     torch.manual_seed(0)
     ref = build_model(cfg).train()
     low = build_model(cfg).train().to(memory_format=torch.channels_last)
@@ -90,4 +90,4 @@ def test_fit_with_compile_matches_eager():
 
 def test_unknown_compile_backend_is_refused():
     with pytest.raises(ConfigError, match="compile_backend"):
-        config.load(SMOKE, [*TINY, "precision.compile=true", "precision.compile_backend=nope"])
+        jobs.load(SMOKE, [*TINY, "precision.compile=true", "precision.compile_backend=nope"])

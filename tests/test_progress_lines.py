@@ -63,3 +63,26 @@ def test_sweep_lines_change_with_state_and_a_table_comes_every_few_minutes():
     assert lines[4].split() == ["sw-01-s0", "resnet20", "seed", "0", "finished", "epoch", "2", "iter", "-", "loss", "1.5000", "test_err", "12.50%"]
     assert lines[5].split()[:5] == ["sw-02-s0", "resnet32", "seed", "0", "pending"]
     assert len(lines) == 6  # the table is not repeated before another 300 s
+
+
+def test_the_tune_callback_pickles_without_the_display_it_feeds():
+    # Tune pickles its callbacks into the experiment state when the sweep starts; a display holds
+    # a lock and a stream, which do not pickle (this once stopped every remote sweep).
+    import ray.cloudpickle as cloudpickle
+
+    from resnet_cluster.sweep.runner import _forward_events
+
+    seen = []
+    log = PlainTrialLog("sw", [{"run_id": "sw-01-s0", "label": "r", "seed": 0}], io.StringIO())
+    cb = _forward_events(lambda ev: (seen.append(ev), log(ev)))
+    copy = cloudpickle.loads(cloudpickle.dumps(cb))
+    assert copy.on_event is None and cb.on_event is not None
+
+    class Trial:
+        trial_id = "t1"
+        config = {"trial": {"run_id": "sw-01-s0", "label": "r", "seed": 0}}
+
+    cb.on_trial_result(0, [], Trial(), {"epoch": 1, "loss": 0.5, "top1_err": 12.0})
+    copy.on_trial_result(0, [], Trial(), {"epoch": 1})  # the copy feeds nothing
+    assert seen == [{"kind": "trial", "run_id": "sw-01-s0", "row": "r", "seed": 0, "status": "running",
+                     "epoch": 2, "loss": 0.5, "top1_err": 12.0}]  # fmt: skip

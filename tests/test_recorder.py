@@ -16,9 +16,10 @@ from torch import nn
 
 from resnet_cluster import config, models
 from resnet_cluster.artifacts import layout
-from resnet_cluster.artifacts.recorder import TEST_FIELDS, TRAIN_FIELDS, RunRecorder
 from resnet_cluster.artifacts.store import ArtifactStore
+from resnet_cluster.callbacks import TEST_FIELDS, TRAIN_FIELDS, RunRecorder
 from resnet_cluster.engine import Callback, fit
+from resnet_cluster.models import jobs
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 RUN = "run-1"
@@ -37,7 +38,7 @@ def one_thread():
 
 def tiny_cfg() -> config.JobConfig:
     # 128 images / batch 32 = 4 iterations per epoch, 3 epochs, a log row every 2 iterations
-    return config.load(
+    return jobs.load(
         SMOKE,
         [
             "scaling.workers=1",

@@ -1,7 +1,7 @@
 """Sweep files, their validation, and the report's arithmetic (no Ray: see test_sweep_ray.py).
 
 The shipped sweeps must hold exactly the rows and figures of the published tables
-(REFERENCE.md §4); a bad sweep file fails before anything is written; the report's mean, std,
+(docs/references.md §4); a bad sweep file fails before anything is written; the report's mean, std,
 best and diff are checked against hand-computed numbers on runs written through the store.
 """
 
@@ -29,7 +29,7 @@ from resnet_cluster.sweep.spec import load_sweep
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "resnet-cluster")
 
-# REFERENCE.md §4 (gcr/torch-residual-networks), row by row.
+# docs/references.md §4 (gcr/torch-residual-networks), row by row.
 DEPTH = {"ResNet-20": 8.29, "ResNet-32": 7.63, "ResNet-44": 7.14, "ResNet-56": 6.94, "ResNet-110": 6.73}
 ARCH = {
     ("standard", 20): 8.29, ("standard", 110): 6.97,

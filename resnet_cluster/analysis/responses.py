@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resnet_cluster.artifacts.plots import pyplot
 from resnet_cluster.errors import ConfigError
 
 CSV_FIELDS = ["run", "label", "arch", "layer_index", "layer", "std", "sorted_rank", "images"]
@@ -108,6 +109,7 @@ def responses_of(
     ``data.root=./data/cifar10`` when the run was trained where the data lived elsewhere).
     """
     from resnet_cluster import config as config_mod
+    from resnet_cluster.models import jobs
     from resnet_cluster.data.loaders import build_loaders_for
     from resnet_cluster.models.files import read_model_file
     from resnet_cluster.models.registry import build
@@ -121,7 +123,7 @@ def responses_of(
     data = config_mod.apply_overrides(doc["config"], list(data_overrides))
     # One process reads the whole test set: the per-worker batch is the global batch here.
     data.setdefault("scaling", {})["workers"] = 1
-    cfg = config_mod.from_dict(data, source=f"the job of {doc['source']}")
+    cfg = jobs.from_dict(data, source=f"the job of {doc['source']}")
     net = build(doc["arch"], **doc["model_options"])
     net.load_state_dict(doc["state_dict"])
     _, test, info = build_loaders_for(cfg, rank=0, world_size=1)
@@ -156,10 +158,7 @@ def write_csv(results: list[dict[str, Any]], path: str) -> None:
 
 def plot_responses(results: list[dict[str, Any]], path: str) -> None:
     """Fig. 7's two panels: std by layer index (network order), and sorted by magnitude."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on cluster nodes
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), constrained_layout=True)
     for r in results:

@@ -18,6 +18,7 @@ from typing import Any
 
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.manifest import verify_manifest
+from resnet_cluster.artifacts.plots import pyplot
 from resnet_cluster.artifacts.run import FINAL_STATUSES, LIFECYCLE_EVENTS
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.errors import StoreError
@@ -238,11 +239,12 @@ def read_csv(store: ArtifactStore, run_id: str, name: str) -> list[dict[str, Any
     for row in csv.DictReader(io.StringIO(store.read_text(run_id, name))):
         if None in row:  # a damaged line: more cells than header columns
             continue
-        rows.append({k: _num(v) for k, v in row.items()})
+        rows.append({k: parse_number(v) for k, v in row.items()})
     return rows
 
 
-def _num(text: str | None) -> Any:
+def parse_number(text: str | None) -> Any:
+    """A CSV cell as int, float, None (empty) or the text itself."""
     if text in (None, ""):
         return None
     for kind in (int, float):
@@ -337,10 +339,7 @@ def compare_runs(store: ArtifactStore, run_ids: list[str]) -> dict[str, Any]:
 
 def plot_curves(curves: dict[str, list[dict[str, Any]]], path: str, *, title: str = "") -> str:
     """Write test top-1 error (%) against iterations for several runs to one PNG; return path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for rid, rows in curves.items():

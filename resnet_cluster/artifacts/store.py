@@ -3,7 +3,7 @@
 Every write is atomic per file: a reader sees the old file or the new one, never a prefix.
 Locally that is a temp file in the same folder plus ``os.replace``; on object stores it is one
 ``fs.put_file`` of a finished local file (a plain ``fs.open(path, "wb")`` commits a partial
-object on S3 when the writer raises, see RAY-NOTES.md "S3").
+object on S3 when the writer raises, see docs/ray-notes.md "S3").
 
 For S3 the endpoint comes from ``endpoint_url=`` (the job's ``artifacts.endpoint_url`` or
 ``$RESNET_CLUSTER_STORE_ENDPOINT``), else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, and the
@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -27,9 +28,11 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
-from resnet_cluster.errors import StoreError
 from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.fs_compat import strip_protocol
+from resnet_cluster.errors import StoreError
 
+log = logging.getLogger(__name__)
 _CHUNK = 1 << 20  # 1 MiB
 # S3 multipart: 16 MiB parts (S3's minimum is 5 MiB, at most 10,000 parts, so one object can
 # reach 156 GiB at this size; s3fs raises the part size beyond that), 10 parts in flight.
@@ -345,7 +348,7 @@ class ArtifactStore:
                 self._fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
                 aborted += 1
         except BaseException:  # noqa: BLE001 - best effort, see docstring
-            pass
+            log.debug("listing or aborting multipart uploads of %s failed", key, exc_info=True)
         return aborted
 
     def write_bytes(self, run_id: str, relpath: str, data: bytes) -> None:
@@ -581,7 +584,7 @@ class ArtifactStore:
             got = self._fs.cat(list(paths), on_error="return")
         out = {}
         for path, data in got.items():
-            key = paths.get(self._fs._strip_protocol(path)) or paths.get(path)
+            key = paths.get(strip_protocol(self._fs, path)) or paths.get(path)
             if key is None or isinstance(data, BaseException):
                 if isinstance(data, (PermissionError,)) or type(data).__name__ == "NoCredentialsError":
                     with self._errors(self._uri(path), "read"):
@@ -607,7 +610,7 @@ class ArtifactStore:
                 self.list_run_ids()  # raises the clear "bucket does not exist" error if so
         tops: dict[str, set[str]] = {}
         for path in found:
-            path = self._fs._strip_protocol(path)
+            path = strip_protocol(self._fs, path)
             if not path.startswith(prefix):
                 continue
             parts = path[len(prefix):].split("/")
@@ -638,7 +641,7 @@ class ArtifactStore:
         for path, info in found.items():
             if info.get("type", "file") != "file":
                 continue
-            path = path if self._is_local else self._fs._strip_protocol(path)
+            path = path if self._is_local else strip_protocol(self._fs, path)
             if not path.startswith(prefix):
                 continue
             rel = path[len(prefix):]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -15,6 +16,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show debug logs on stderr, including errors that are handled on purpose."
+    ),
+) -> None:
+    """Reproduce 'Deep Residual Learning for Image Recognition' on Ray clusters."""
+    if verbose:
+        setup_logging(logging.DEBUG)
+
+
+def setup_logging(level: int) -> None:
+    """The package's module loggers (``resnet_cluster.*``) at ``level`` on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("resnet_cluster")
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _register() -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, print_json, resolve_store
+from resnet_cluster.cli.common import STORE_HELP, console, print_json, resolve_store
 
 app = typer.Typer(help="Analyse trained runs (layer responses, Fig. 7).", no_args_is_help=True)
 
@@ -26,7 +26,7 @@ def responses(
     overrides: list[str] = typer.Option(
         [], "--set", help="Override the runs' job, e.g. --set data.root=./data/cifar10."
     ),
-    store: Optional[str] = typer.Option(None, help="Artifact store for run ids (default $RESNET_CLUSTER_STORE or ./runs-store)."),
+    store: Optional[str] = typer.Option(None, help=STORE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Std of every 3x3 layer's response (after BN, before addition/ReLU) over test images.

@@ -9,11 +9,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, fmt_err, print_json, resolve_store
+from resnet_cluster.cli.common import STORE_HELP, console, fmt_err, print_json, resolve_store
 from resnet_cluster.errors import ClusterError, StoreError
 
 ADDRESS_HELP = "Ray Jobs API address, http://HEAD:8265 (default: $RAY_ADDRESS)."
-STORE_HELP = "Artifact store (default: $RESNET_CLUSTER_STORE or ./runs-store)."
 
 
 def _jobs_address(address: Optional[str]) -> Optional[str]:

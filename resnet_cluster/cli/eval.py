@@ -7,9 +7,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, fmt_err, print_json, resolve_store
+from resnet_cluster.cli.common import STORE_HELP, console, fmt_err, print_json, resolve_store
 
-STORE_HELP = "Artifact store holding the run (default: $RESNET_CLUSTER_STORE or ./runs-store)."
 
 
 def eval_command(

@@ -9,15 +9,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, fmt_err, print_json, resolve_store
+from resnet_cluster.cli.common import STATUS_STYLE, STORE_HELP, console, fmt_err, print_json, resolve_store
 
 app = typer.Typer(
     help="List, inspect, compare, download and delete stored runs; restore a run's source.",
     no_args_is_help=True,
 )
 
-STORE_HELP = "Artifact store: a folder or fsspec URI (default: $RESNET_CLUSTER_STORE or ./runs-store)."
-STATUS_STYLE = {"finished": "green", "running": "cyan", "failed": "red", "stopped": "yellow", "incomplete": "yellow"}
 
 
 ENDPOINT_HELP = "S3-compatible endpoint URL (default: $RESNET_CLUSTER_STORE_ENDPOINT, else AWS_ENDPOINT_URL)."

@@ -117,13 +117,13 @@ def submit(
 
     With --address http://HEAD:8265 (or RAY_ADDRESS) the job goes to that cluster through the
     Ray Jobs API and this command returns once it is submitted (or, with --follow, ended)."""
-    from resnet_cluster import config
+    from resnet_cluster.models import jobs
     from resnet_cluster.launch.submit import RunFailed
     from resnet_cluster.launch.submit import submit as run_submit
     from resnet_cluster.launch.trainer import scaling_plan
 
     overrides = list(set_) + ([f"scaling.workers={workers}"] if workers is not None else [])
-    cfg = config.load(job, overrides)
+    cfg = jobs.load(job, overrides)
     if name is not None:
         from resnet_cluster.artifacts.layout import validate_run_id
 

@@ -15,7 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from resnet_cluster.cli.common import console, err_console, fmt_err, print_json, reserve_stdout_for_json, resolve_store
+from resnet_cluster.cli.common import (
+    STATUS_STYLE, STORE_HELP, console, err_console, fmt_err, print_json, reserve_stdout_for_json, resolve_store,
+)
 from resnet_cluster.cli.progress import PlainTrialLog
 
 
@@ -39,7 +41,6 @@ app = typer.Typer(
     ),
 )
 
-STATUS_STYLE = {"finished": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "pending": "dim"}
 
 
 class TrialTable:
@@ -293,7 +294,7 @@ def run_command(
 @app.command("resume")
 def resume_command(
     sweep_id: str = typer.Argument(..., help="The sweep to continue (see `resnet-cluster sweep list`)."),
-    store: Optional[str] = typer.Option(None, "--store", help="Artifact store (default: RESNET_CLUSTER_STORE or ./runs-store)."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha: stop hopeless trials early."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -321,7 +322,7 @@ def resume_command(
 @app.command("report")
 def report_command(
     sweep_id: str = typer.Argument(..., help="The sweep (see `resnet-cluster sweep list`)."),
-    store: Optional[str] = typer.Option(None, "--store", help="Artifact store (default: RESNET_CLUSTER_STORE or ./runs-store)."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", "-f", help="table, markdown (paste into a README), csv or json."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Save training-loss and test-error curves as curves.png in the sweep folder."),
 ) -> None:
@@ -343,7 +344,7 @@ def report_command(
 
 @app.command("list")
 def list_command(
-    store: Optional[str] = typer.Option(None, "--store", help="Artifact store (default: RESNET_CLUSTER_STORE or ./runs-store)."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """The sweeps in the store, with how many of their runs finished."""

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from resnet_cluster.data.transforms import CIFAR_PAD, crop_flip
+from resnet_cluster.datasets import DATASETS as _REGISTRY
+from resnet_cluster.datasets import names
 from resnet_cluster.errors import DataError
 
-DATASETS = ("cifar10", "synthetic", "imagenet")
+DATASETS = names()
 AUGMENTS = ("paper", "none")
 PAD = CIFAR_PAD
 
@@ -202,23 +204,24 @@ def build_loaders_for(cfg, *, rank: int, world_size: int, device: str | torch.de
     ``cifar10`` and ``imagenet`` stream shards from ``data.root``
     (:func:`resnet_cluster.data.streaming.build_shard_loaders`); ``synthetic`` is generated.
     """
-    if cfg.data.dataset in ("cifar10", "synthetic"):
-        if cfg.data.augment == "inception":
-            raise DataError(
-                "data.augment inception is the ImageNet random-resized crop; CIFAR-10 and "
-                "synthetic data use paper (pad 4, random crop, flip) or none."
-            )
-        if cfg.eval.protocol != "1crop":
-            raise DataError(
-                f"eval.protocol {cfg.eval.protocol!r} needs ImageNet-sized images; CIFAR is "
-                "tested on the single original 32x32 view. Use eval.protocol: 1crop (the default)."
-            )
-    if cfg.data.dataset in ("cifar10", "imagenet"):
+    dataset = _REGISTRY.get(cfg.data.dataset)
+    if dataset is None:
+        raise DataError(f"data.dataset is {cfg.data.dataset!r}; choose one of {list(DATASETS)}.")
+    # Config accepts every augment and protocol; CIFAR-shaped data (32x32) takes fewer.
+    if cfg.data.augment not in dataset.augments:
+        raise DataError(
+            "data.augment inception is the ImageNet random-resized crop; CIFAR-10 and "
+            "synthetic data use paper (pad 4, random crop, flip) or none."
+        )
+    if cfg.eval.protocol not in dataset.eval_protocols:
+        raise DataError(
+            f"eval.protocol {cfg.eval.protocol!r} needs ImageNet-sized images; CIFAR is "
+            "tested on the single original 32x32 view. Use eval.protocol: 1crop (the default)."
+        )
+    if dataset.reader == "shards":
         from resnet_cluster.data.streaming import build_shard_loaders
 
         return build_shard_loaders(cfg, rank=rank, world_size=world_size, device=device)
-    if cfg.data.dataset != "synthetic":
-        raise DataError(f"data.dataset is {cfg.data.dataset!r}; choose one of {list(DATASETS)}.")
     return build_synthetic_loaders(
         augment=cfg.data.augment,
         batch_size=cfg.per_worker_batch,

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resnet_cluster.datasets import DATASETS
 from resnet_cluster.errors import DataError
 from resnet_cluster.fileutil import hash_file
 
@@ -59,12 +60,9 @@ LEGACY_CIFAR_FILES = ("meta.json", "train.parquet", "test.parquet", "mean.npy")
 
 
 def prepare_hint(root: str, dataset: str = "imagenet") -> str:
-    if dataset == "cifar10":
-        return (f"Run `resnet-cluster data prepare cifar10 --dest {root}` (add `--source PATH` to "
-                "use a cifar-10-python.tar.gz you have), or point data.root at the folder or URI "
-                "where you prepared it.")
-    return (f"Run `resnet-cluster data prepare imagenet --train DIR --val DIR --dest {root}` "
-            "(or point data.root at the folder or URI where you prepared it).")
+    """The registry's hint for ``dataset`` (a manifest naming no known dataset: ImageNet's)."""
+    info = DATASETS.get(dataset)
+    return (info if info is not None and info.prepared else DATASETS["imagenet"]).prepare_hint(root)
 
 
 def url_to_fs(root: str):

@@ -47,13 +47,13 @@ from resnet_cluster.data.shards import (
     read_shard,
     url_to_fs,
 )
+from resnet_cluster.datasets import get as get_dataset
 from resnet_cluster.errors import DataError
 
 AUGMENTS = ("paper", "inception", "none")
 VIEWS = ("train", "1crop", "10crop", "multiscale")
 READ_AHEAD = 2  # shards fetched ahead of the one being decoded, per worker
 DEFAULT_WORKERS = 4  # data.loader_workers: null on JPEG shards
-EVAL_SPLIT = {"imagenet": "val", "cifar10": "test"}
 _AUG_TAG = 7  # stream tag separating per-image augmentation draws from the shuffle streams
 # fork is the Linux default and starts a worker in milliseconds; spawn would re-import torch.
 _FORK = multiprocessing.get_context("fork") if os.name == "posix" else None
@@ -342,6 +342,7 @@ def build_shard_loaders(cfg, *, rank: int, world_size: int,
                         device: str | torch.device = "cpu"):
     """(train, test, info) for ``data.dataset`` imagenet or cifar10, read from ``data.root``."""
     root, d = cfg.data.root, cfg.data
+    dataset = get_dataset(d.dataset)
     manifest = read_manifest(root, d.dataset)
     pca = manifest.get("pca") or {}
     workers = d.loader_workers
@@ -352,13 +353,13 @@ def build_shard_loaders(cfg, *, rank: int, world_size: int,
                   lighting_std=d.lighting_std, loader_workers=workers,
                   prefetch_batches=d.prefetch_batches, shuffle_shards=d.shuffle_shards,
                   verify=d.verify_shards, device=device)
-    train = ShardBatches(Split.from_manifest(root, manifest, "train"),
+    train = ShardBatches(Split.from_manifest(root, manifest, dataset.train_split),
                          batch_size=cfg.per_worker_batch, train=True, view="train",
                          augment=d.augment, **common)
     protocol = cfg.eval.protocol
     # Multi-scale views differ in size between images (aspect ratios), so they go one image
     # per batch rather than being padded or cropped into a shape they do not have.
-    test = ShardBatches(Split.from_manifest(root, manifest, EVAL_SPLIT[d.dataset]),
+    test = ShardBatches(Split.from_manifest(root, manifest, dataset.eval_split),
                         batch_size=1 if protocol == "multiscale" else cfg.per_worker_batch,
                         train=False, view=protocol, augment="none", **common)
     info = {"num_train": train.split.num_images, "num_test": test.split.num_images,

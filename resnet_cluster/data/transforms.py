@@ -7,7 +7,7 @@ lighting happen once per batch on the target device (:mod:`resnet_cluster.data.s
 CIFAR-10's augmentation pads the mean-subtracted image with zeros (= the mean), so it runs after
 normalisation, on the device: the workers only draw its offsets (:func:`pad_crop_params`).
 
-Speed (REFERENCE.md section 5: one core decodes about 300-470 640x480 JPEGs/s with PIL):
+Speed (docs/references.md section 5: one core decodes about 300-470 640x480 JPEGs/s with PIL):
 
 - Random crops are cut and resized in ONE resample: ``Image.resize(size, box=...)`` reads only
   the crop's source region, instead of resizing the whole image to the random scale and then

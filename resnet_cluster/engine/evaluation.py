@@ -21,15 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnet_cluster.config import JobConfig, apply_overrides, from_dict
+from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.layout import MODEL as MODEL_FILE
+from resnet_cluster.config import JobConfig, apply_overrides
 from resnet_cluster.engine.bn import precise_bn
+from resnet_cluster.engine.checkpoint import STATE_FILE
 from resnet_cluster.engine.context import WorkerContext
 from resnet_cluster.engine.loop import _autocast, evaluate
 from resnet_cluster.errors import ConfigError, StoreError
+from resnet_cluster.models.files import check_format
+from resnet_cluster.models.jobs import from_dict
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "train_state.pt"
-_CKPT_RE = re.compile(r"^checkpoints/(epoch_\d+)/train_state\.pt$")
+_CKPT_RE = re.compile(rf"^{layout.CHECKPOINTS}/(epoch_\d+)/{re.escape(STATE_FILE)}$")
 
 
 @dataclass
@@ -65,7 +68,8 @@ def _rebuild(saved: dict[str, Any], where: str, overrides: list[str]) -> tuple[n
             "by resnet-cluster (format: arch, model_options, state_dict, config) or a checkpoint folder."
         )
     cfg = from_dict(apply_overrides(job, overrides), source=f"job of {where}")
-    if "state_dict" in saved:  # model.pt (artifacts.recorder.save_model_file)
+    if "state_dict" in saved:  # model.pt (models.files.save_model_file)
+        check_format(saved, where)
         arch, options, state = saved.get("arch", cfg.model.arch), saved.get("model_options", {}), saved["state_dict"]
     elif "model" in saved:  # train_state.pt (engine.checkpoint)
         arch, options, state = cfg.model.arch, cfg.model.model_dump(exclude={"arch"}), saved["model"]
@@ -81,7 +85,7 @@ def _rebuild(saved: dict[str, Any], where: str, overrides: list[str]) -> tuple[n
 
 def _latest_checkpoint(store, run_id: str) -> str | None:
     found = sorted(m.group(1) for rel, _ in store.list_files(run_id) if (m := _CKPT_RE.match(rel)))
-    return f"checkpoints/{found[-1]}" if found else None
+    return f"{layout.CHECKPOINTS}/{found[-1]}" if found else None
 
 
 def load_target(target: str, store_root: str, overrides: list[str], endpoint_url: str | None = None) -> Loaded:

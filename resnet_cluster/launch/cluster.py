@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from resnet_cluster.errors import ClusterError
+from resnet_cluster.launch.ray_compat import claim_current_cluster
 
 _ray_context: Any = None  # what ray.init returned in this process
 
@@ -59,7 +60,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[
                 "--address and RAY_ADDRESS unset to start a local cluster."
             ) from None
         if not address:
-            _claim_current_cluster(ray.get_runtime_context().gcs_address)
+            claim_current_cluster(ray.get_runtime_context().gcs_address)
     ctx = ray.get_runtime_context()
     return {
         "address": address or "local",
@@ -68,35 +69,3 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> dict[
         "node_id": ctx.get_node_id(),
         "local": address in (None, "local"),
     }
-
-
-def _claim_current_cluster(gcs_address: str) -> None:
-    """Make the local cluster this process started the machine's "current" Ray cluster while it
-    runs, unless a live cluster already is.
-
-    Ray Train 2.60's placement-group cleaner (an actor of every run) finds its cluster through
-    the State API with no address, i.e. from ``/tmp/ray/ray_current_cluster``, which only
-    ``ray start`` writes. A file left by a cluster that is gone (killed rather than ``ray stop``-ped)
-    makes the cleaner time out and die; a trial that Tune stops then leaks its workers and their
-    resources. The file is restored (removed) at exit if it still names this cluster.
-    """
-    import atexit
-
-    try:
-        from ray._private import services, utils
-
-        current = utils.read_ray_address()
-        if current and current in set(services.find_gcs_addresses()):
-            return  # a live `ray start` cluster: leave the user's pointer alone
-        utils.write_ray_address(gcs_address)
-    except Exception:  # private API of the pinned Ray; without it only the cleanup is weaker
-        return
-
-    def forget() -> None:
-        try:
-            if utils.read_ray_address() == gcs_address:
-                os.remove(utils.get_ray_address_file(None))
-        except Exception:
-            pass
-
-    atexit.register(forget)

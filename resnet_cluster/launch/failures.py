@@ -10,6 +10,7 @@ checkpoint and resumes with ``--name``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,8 @@ from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
 from resnet_cluster.launch.trainer import scaling_plan
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT = f"{layout.CHECKPOINTS}/checkpoint_manager_snapshot.json"  # Ray Train's checkpoint index
 
@@ -46,6 +49,7 @@ def alive_nodes() -> dict[str, str] | None:
     try:
         return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
     except Exception:
+        log.debug("ray.nodes() failed", exc_info=True)
         return None
 
 
@@ -58,6 +62,7 @@ def last_checkpoint(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
         return {"dir": latest["checkpoint_dir_name"], "epochs": int(metrics["epoch"]) + 1,
                 "iteration": int(metrics["iteration"])}  # fmt: skip
     except Exception:  # no checkpoint yet, or a snapshot this version cannot read
+        log.debug("no readable checkpoint snapshot for run %s", run_id, exc_info=True)
         return None
 
 
@@ -71,6 +76,7 @@ def lost_worker_nodes(
     try:
         hosted = {w.get("node_id") for w in store.read_json(run_id, layout.ENVIRONMENT).get("workers", [])}
     except Exception:  # no worker group ever started
+        log.debug("no readable environment.json for run %s", run_id, exc_info=True)
         return {}
     return {nid: ip for nid, ip in before.items() if nid not in now and nid in hosted}
 

@@ -7,6 +7,7 @@ rank 0 of the workers writes what the training produces (CSVs, environment, mode
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -17,15 +18,20 @@ from typing import Any
 
 import yaml
 
+from resnet_cluster import datasets
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.manifest import write_manifest
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.run import RunWriter
 from resnet_cluster.artifacts.store import ArtifactStore
-from resnet_cluster.config import JobConfig, from_dict
+from resnet_cluster.config import JobConfig
 from resnet_cluster.errors import ClusterError, DataError, StoreError, UserError
 from resnet_cluster.launch import cluster, failures
+from resnet_cluster.launch.ray_compat import bound_sigint_abort
 from resnet_cluster.launch.trainer import build_trainer, scaling_plan, start_timeout_env
+from resnet_cluster.models.jobs import from_dict
+
+log = logging.getLogger(__name__)
 
 
 class RunFailed(Exception):
@@ -52,7 +58,7 @@ def new_run_id(job_name: str) -> str:
 def check_dataset(cfg: JobConfig) -> None:
     """Fail before starting Ray when the dataset is missing, unreadable, or in an old layout
     (driver-side: the same manifest check the workers' reader makes, in seconds)."""
-    if cfg.data.dataset not in ("cifar10", "imagenet"):
+    if not datasets.get(cfg.data.dataset).prepared:
         return
     from resnet_cluster.data.shards import read_manifest
 
@@ -147,158 +153,154 @@ def submit(
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
     Raises UserError subclasses for anything the user can fix, RunFailed when training fails.
     """
-    store = ArtifactStore.from_config(cfg.artifacts)
-    # Endpoint, credentials and bucket are checked before Ray starts: one clear StoreError
-    # naming the store, in seconds, instead of a botocore traceback from a worker later.
-    store.check()
-    run_id = run_id or new_run_id(cfg.name)
-    check_dataset(cfg)
-    resuming = prepare_run(cfg, store, run_id, source_dir=source_dir, provenance=provenance)
-    writer = RunWriter(store, run_id)
-    submission = secrets.token_hex(4)
-    info = cluster.connect(address)
-    writer.event(
-        "submitted",
-        submission=submission,
-        resuming=resuming,
-        address=info["address"],
-        dashboard=info["dashboard_url"],
-        **(tags or {}),
-    )
-    if on_progress:
-        on_progress({"kind": "cluster", "run_id": run_id, "uri": store.run_uri(run_id), **info})
-    try:
-        _check_resources(cfg, info)
-    except UserError as e:
-        writer.event("failed", submission=submission, error=str(e))
-        raise
+    session = RunSession(cfg, run_id=run_id, on_progress=on_progress)
+    session.open(address, source_dir=source_dir, provenance=provenance, tags=tags)
+    with ProgressPump(on_progress) as pump:
+        session.fit(pump.queue, callbacks)
+    return session.finish()
 
-    import ray
-    from ray.util.queue import Queue
 
-    nodes_before = failures.alive_nodes()  # to name the nodes a failed run lost
-    progress_q = Queue(actor_options={"num_cpus": 0}) if on_progress else None
-    stop = threading.Event()
+class RunSession:
+    """One submission of a run, in the order :func:`submit` takes the steps: ``open`` (store,
+    dataset, run folder, cluster), ``fit`` (the TorchTrainer, SIGINT, failures), ``finish``."""
 
-    def pump() -> None:  # queue -> on_progress, in a thread so fit() keeps the main thread
-        while not stop.is_set():
+    def __init__(self, cfg: JobConfig, *, run_id: str | None, on_progress: Callable[[dict], None] | None):
+        self.cfg, self.on_progress = cfg, on_progress
+        self.store = ArtifactStore.from_config(cfg.artifacts)
+        self.run_id = run_id or new_run_id(cfg.name)
+        self.writer = RunWriter(self.store, self.run_id)
+        self.submission = secrets.token_hex(4)
+        self.resuming = False
+        self.info: dict[str, Any] = {}
+        self.t0 = 0.0
+        self.stopped_recorded: list[dict[str, Any]] = []
+
+    @property
+    def uri(self) -> str:
+        return self.store.run_uri(self.run_id)
+
+    def open(self, address: str | None, *, source_dir: str, provenance: tuple[str, str] | None,
+             tags: dict[str, Any] | None) -> None:
+        """Check what the user can fix, before training: store, dataset, run folder, resources."""
+        cfg, writer = self.cfg, self.writer
+        # Endpoint, credentials and bucket are checked before Ray starts: one clear StoreError
+        # naming the store, in seconds, instead of a botocore traceback from a worker later.
+        self.store.check()
+        check_dataset(cfg)
+        self.resuming = prepare_run(cfg, self.store, self.run_id, source_dir=source_dir, provenance=provenance)
+        self.info = info = cluster.connect(address)
+        writer.event("submitted", submission=self.submission, resuming=self.resuming,
+                     address=info["address"], dashboard=info["dashboard_url"], **(tags or {}))  # fmt: skip
+        if self.on_progress:
+            self.on_progress({"kind": "cluster", "run_id": self.run_id, "uri": self.uri, **info})
+        try:
+            _check_resources(cfg, info)
+        except UserError as e:
+            writer.event("failed", submission=self.submission, error=str(e))
+            raise
+
+    def record_stop(self) -> None:
+        """Once: at the first SIGINT, or when fit() ends interrupted."""
+        if not self.stopped_recorded:
+            self.stopped_recorded.append(
+                self.writer.event("stopped", submission=self.submission, reason="interrupted (SIGINT)")
+            )
+
+    def fit(self, progress_queue: Any, callbacks: list[Any] | None) -> None:
+        """Train; a stop or a failure is recorded in the run's events and raised."""
+        cfg, store, run_id = self.cfg, self.store, self.run_id
+        nodes_before = failures.alive_nodes()  # to name the nodes a failed run lost
+        self.t0 = time.time()
+        try:
+            trainer = build_trainer(cfg, run_id=run_id, store=store, submission=self.submission,
+                                    progress_queue=progress_queue, callbacks=callbacks)  # fmt: skip
+            bound_sigint_abort(trainer, self.record_stop)
+            with start_timeout_env(cfg):
+                trainer.fit()
+        except (KeyboardInterrupt, SystemExit):
+            # Ray Train's own SIGINT handler aborts the controller and may exit via SystemExit.
+            self.record_stop()
+            raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=self.uri) from None
+        except Exception as e:
+            user = _user_error_in(e)
+            explained = None if user else failures.explain(
+                e, cfg, store, run_id, nodes_before=nodes_before, nodes_now=failures.alive_nodes()
+            )
+            cause, msg = explained or (None, str(user) if user else _first_lines(e))
+            self.writer.event("failed", submission=self.submission, error=msg, **({"cause": cause} if cause else {}))
+            if user:
+                raise user from None
+            raise RunFailed(msg, run_id=run_id, uri=self.uri) from e
+
+    def finish(self) -> dict[str, Any]:
+        """The finished event and the manifest (last), or RunStopped if training ended early."""
+        store, run_id = self.store, self.run_id
+        if not store.exists(run_id, layout.SUMMARY):
+            # fit() also returns normally when Ray Train's SIGINT handler aborted the run.
+            if not self.stopped_recorded:
+                self.writer.event("stopped", submission=self.submission, reason="training ended before the last epoch")
+            raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=self.uri)
+        summary = store.read_json(run_id, layout.SUMMARY)
+        self.writer.event("finished", submission=self.submission, seconds=round(time.time() - self.t0, 1))
+        write_manifest(store, run_id)  # last: a run without a manifest is not finished
+        return {
+            "run_id": run_id,
+            "status": "finished",
+            "uri": self.uri,
+            "store": store.root,
+            "resumed": self.resuming,
+            "seconds": round(time.time() - self.t0, 1),
+            "final": summary.get("final", {}),
+            "best": summary.get("best", {}),
+            "images_per_sec": summary.get("images_per_sec"),
+            "dashboard": self.info["dashboard_url"],
+        }
+
+
+class ProgressPump:
+    """The workers' progress queue (``callbacks.ProgressForwarder``) forwarded to ``on_progress``
+    in a thread, so ``fit()`` keeps the main thread. Without ``on_progress`` there is no queue."""
+
+    def __init__(self, on_progress: Callable[[dict[str, Any]], None] | None):
+        self.on_progress = on_progress
+        self.queue: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ProgressPump:
+        if self.on_progress is not None:
+            from ray.util.queue import Queue
+
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            self._thread = threading.Thread(target=self._pump, daemon=True)
+            self._thread.start()
+        return self
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
             try:
-                waiting = progress_q.qsize()
-                items = progress_q.get_nowait_batch(waiting) if waiting else []
+                waiting = self.queue.qsize()
+                items = self.queue.get_nowait_batch(waiting) if waiting else []
             except Exception:  # the queue actor is gone at shutdown: nothing more to show
+                log.debug("progress queue unreadable", exc_info=True)
                 items = []
             for item in items:
-                on_progress(item)
-            stop.wait(0.5)
+                self.on_progress(item)
+            self._stop.wait(0.5)
 
-    pump_thread = threading.Thread(target=pump, daemon=True) if progress_q is not None else None
-    if pump_thread:
-        pump_thread.start()
-    t0 = time.time()
-    stopped_recorded: list[dict[str, Any]] = []
-
-    def record_stop() -> None:  # once: at the first SIGINT, or when fit() ends interrupted
-        if not stopped_recorded:
-            stopped_recorded.append(writer.event("stopped", submission=submission, reason="interrupted (SIGINT)"))
-
-    try:
-        trainer = build_trainer(
-            cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q, callbacks=callbacks
-        )
-        _bounded_sigint_abort(trainer, record_stop)
-        with start_timeout_env(cfg):
-            trainer.fit()
-    except (KeyboardInterrupt, SystemExit):
-        # Ray Train's own SIGINT handler aborts the controller and may exit via SystemExit.
-        record_stop()
-        raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=store.run_uri(run_id)) from None
-    except Exception as e:
-        user = _user_error_in(e)
-        explained = None if user else failures.explain(
-            e, cfg, store, run_id, nodes_before=nodes_before, nodes_now=failures.alive_nodes()
-        )
-        cause, msg = explained or (None, str(user) if user else _first_lines(e))
-        writer.event("failed", submission=submission, error=msg, **({"cause": cause} if cause else {}))
-        if user:
-            raise user from None
-        raise RunFailed(msg, run_id=run_id, uri=store.run_uri(run_id)) from e
-    finally:
-        stop.set()
-        if pump_thread:
-            pump_thread.join(timeout=5)
-            try:  # drain what arrived after the last poll
-                while progress_q.qsize():
-                    on_progress(progress_q.get_nowait())
-            except Exception:
-                pass
-            ray.kill(progress_q.actor)
-
-    if not store.exists(run_id, layout.SUMMARY):
-        # fit() also returns normally when Ray Train's SIGINT handler aborted the run.
-        if not stopped_recorded:
-            writer.event("stopped", submission=submission, reason="training ended before the last epoch")
-        raise RunStopped(_stopped_msg(run_id), run_id=run_id, uri=store.run_uri(run_id))
-    summary = store.read_json(run_id, layout.SUMMARY)
-    writer.event("finished", submission=submission, seconds=round(time.time() - t0, 1))
-    write_manifest(store, run_id)  # last: a run without a manifest is not finished
-    return {
-        "run_id": run_id,
-        "status": "finished",
-        "uri": store.run_uri(run_id),
-        "store": store.root,
-        "resumed": resuming,
-        "seconds": round(time.time() - t0, 1),
-        "final": summary.get("final", {}),
-        "best": summary.get("best", {}),
-        "images_per_sec": summary.get("images_per_sec"),
-        "dashboard": info["dashboard_url"],
-    }
-
-
-ABORT_WAIT_S = 30  # Ray Train's graceful abort, before the controller is killed (< remote.STOP_WAIT_S)
-
-
-def _bounded_sigint_abort(trainer: Any, on_stop: Callable[[], None]) -> None:
-    """Make the first SIGINT (Ctrl-C, or `resnet-cluster stop` through the Jobs API) record the
-    run as stopped at once and end ``fit()`` within ABORT_WAIT_S.
-
-    Ray Train 2.60's own handler (``_register_sigint_handler``, installed by ``fit()`` in the main
-    thread) waits without a limit for its controller's ``abort``; a controller that is waiting
-    for resources for a worker group answers only when that wait ends (up to
-    ``failure.start_timeout_s``), so the driver was killed before it could record anything and
-    the run looked alive forever. Here the stop is recorded first, the controller gets
-    ABORT_WAIT_S to abort gracefully, and is killed if it does not answer (it was not training:
-    nothing is lost that a checkpoint had not saved).
-    """
-    import signal
-
-    if not callable(getattr(trainer, "_register_sigint_handler", None)):
-        return  # another Ray: its own handler stays
-
-    def register(controller: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is None:
+            return
         import ray
 
-        def handler(signum, frame) -> None:
-            first = not handler.fired
-            handler.fired = True
-            try:
-                on_stop()
-            except Exception:  # the store may be unreachable; stopping must not fail
-                pass
-            if first:
-                try:
-                    ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
-                    return  # aborted: fit() returns, and the run is recorded as stopped
-                except ray.exceptions.GetTimeoutError:
-                    ray.kill(controller)
-                except ray.exceptions.RayActorError:
-                    pass
-            raise KeyboardInterrupt
-
-        handler.fired = False
-        signal.signal(signal.SIGINT, handler)
-
-    trainer._register_sigint_handler = register
+        self._thread.join(timeout=5)
+        try:  # drain what arrived after the last poll
+            while self.queue.qsize():
+                self.on_progress(self.queue.get_nowait())
+        except Exception:
+            log.debug("progress queue gone while draining", exc_info=True)
+        ray.kill(self.queue.actor)
 
 
 def _stopped_msg(run_id: str) -> str:

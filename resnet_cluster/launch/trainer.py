@@ -49,9 +49,10 @@ def ray_storage(store: ArtifactStore, run_id: str) -> tuple[str, Any]:
     """
     if store.is_local:
         return store.run_uri(run_id), None
+    from resnet_cluster.artifacts.fs_compat import strip_protocol
     from resnet_cluster.artifacts.store import pyarrow_filesystem
 
-    path = store.fs._strip_protocol(store.run_uri(run_id))
+    path = strip_protocol(store.fs, store.run_uri(run_id))
     return path, pyarrow_filesystem(store)
 
 
@@ -75,15 +76,23 @@ def start_timeout_env(cfg: JobConfig) -> Iterator[None]:
     if cfg.failure.start_timeout_s == -1:
         yield
         return
-    old = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = f"{cfg.failure.start_timeout_s:g}"
+    with scoped_env({START_TIMEOUT_ENV: f"{cfg.failure.start_timeout_s:g}"}):
+        yield
+
+
+@contextmanager
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables of this process for the ``with`` block, then restore them."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(START_TIMEOUT_ENV, None)
-        else:
-            os.environ[START_TIMEOUT_ENV] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def build_trainer(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from resnet_cluster import datasets
 from resnet_cluster.errors import ConfigError
 from resnet_cluster.models.init import init_weights, zero_init_last_bn
 from resnet_cluster.models.registry import register
@@ -54,7 +55,7 @@ class CifarResNet(nn.Module):
             name, bottleneck=bottleneck, plain=plain, shortcut=shortcut, block=block,
             bottleneck_stride=bottleneck_stride, num_classes=num_classes,
             zero_init_residual=zero_init_residual, default_shortcut="B" if bottleneck else "A",
-            default_block="preact" if only_preact else "standard", default_classes=10,
+            default_block="preact" if only_preact else "standard", default_classes=datasets.get("cifar10").num_classes,
             only_preact=only_preact,
         )  # fmt: skip
         self.n = n

@@ -111,9 +111,9 @@ def from_torchvision(
 
 def import_weights(path: str | os.PathLike[str], *, source: str, arch: str, out: str | os.PathLike[str]) -> dict[str, Any]:
     """Convert the checkpoint at ``path`` and write a ``model.pt`` that ``models.load``, eval and
-    fine-tuning jobs read (the format of ``artifacts.recorder.save_model_file``)."""
-    from resnet_cluster import config
-    from resnet_cluster.artifacts.recorder import save_model_file
+    fine-tuning jobs read (the format of ``models.files.save_model_file``)."""
+    from resnet_cluster.models import jobs
+    from resnet_cluster.models.files import save_model_file
     from resnet_cluster.models.registry import build
 
     if source not in SOURCES:
@@ -134,7 +134,7 @@ def import_weights(path: str | os.PathLike[str], *, source: str, arch: str, out:
     sd, options = from_torchvision(raw, arch, where=path)
     net = build(arch, **options)
     net.load_state_dict(sd, strict=True)
-    cfg = config.from_dict(
+    cfg = jobs.from_dict(
         {"name": f"import-{arch}", "model": {"arch": arch, **options}}, source=f"import of {path}"
     )
     summary = {

@@ -1,8 +1,9 @@
-"""Loading a trained (or imported) net back: ``models.load(path_or_run)``.
+"""The ``model.pt`` format, written and read here: ``save_model_file`` and ``models.load``.
 
-``model.pt`` is written by ``artifacts.recorder.save_model_file`` at the end of a run, and by
-``resnet-cluster models import``: ``{"format", "arch", "model_options", "state_dict", "config",
-"summary"}``. A Ray Train checkpoint's ``train_state.pt`` (``{"model", "config", ...}``) loads
+``model.pt`` is written by :func:`save_model_file` at the end of a run (``callbacks.RunRecorder``)
+and by ``resnet-cluster models import``: ``{"format", "arch", "model_options", "state_dict",
+"config", "summary"}``. Readers check ``format`` (:func:`check_format`) and refuse a version they
+do not know. A Ray Train checkpoint's ``train_state.pt`` (``{"model", "config", ...}``) loads
 too, so an unfinished run can be inspected.
 """
 
@@ -15,9 +16,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnet_cluster.artifacts.layout import MODEL as MODEL_FILE
+from resnet_cluster.config import JobConfig
 from resnet_cluster.errors import StoreError
 
-MODEL_FILE = "model.pt"
+MODEL_FORMAT = 1  # bump when the document changes; readers refuse formats they do not know
+
+
+def save_model_file(path: str, model: nn.Module, cfg: JobConfig, summary: dict[str, Any]) -> None:
+    """``model.pt``: the final weights plus what is needed to rebuild the module."""
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "arch": cfg.model.arch,
+            # every ``model`` key but ``arch`` goes to the builder (as engine.loop.model_options)
+            "model_options": cfg.model.model_dump(exclude={"arch"}),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": cfg.to_dict(),
+            "summary": summary,
+        },
+        path,
+    )
+
+
+def check_format(doc: dict[str, Any], where: str) -> None:
+    """Refuse a ``model.pt`` written in a format this version cannot read (a newer one)."""
+    fmt = doc.get("format", MODEL_FORMAT)
+    if fmt != MODEL_FORMAT:
+        raise StoreError(
+            f"{where} is a model.pt of format {fmt!r}; this version of resnet-cluster reads format "
+            f"{MODEL_FORMAT}. Load it with the resnet-cluster version that wrote it, or re-export it "
+            "with `resnet-cluster models import`."
+        )
 
 
 def _read(path_or_run: str, store: str | None) -> tuple[bytes, str]:
@@ -93,6 +123,8 @@ def read_model_file(path_or_run: str, *, store: str | None = None) -> dict[str, 
         opts = {k: v for k, v in cfg["model"].items() if k != "arch"}
         doc = {"arch": cfg["model"]["arch"], "model_options": opts, "state_dict": doc["model"],
                "config": cfg, "summary": {"checkpoint_epoch": doc.get("epoch")}}  # fmt: skip
+    if isinstance(doc, dict) and "state_dict" in doc:
+        check_format(doc, where)
     if not isinstance(doc, dict) or not {"arch", "model_options", "state_dict"} <= set(doc):
         raise StoreError(
             f"{where} is not a model file: it lacks arch/model_options/state_dict. Pass a "

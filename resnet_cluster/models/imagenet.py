@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from resnet_cluster import datasets
 from resnet_cluster.models.init import init_weights, zero_init_last_bn
 from resnet_cluster.models.registry import register
 from resnet_cluster.models.stages import make_stage, resolve, response_modules
@@ -63,7 +64,7 @@ class ImageNetResNet(nn.Module):
             # torchvision and the paper's Table 3 ResNet-34 "B"; the bottleneck nets use B.
             default_shortcut="B", default_block="preact" if only_preact else "standard",
             # fb.resnet.torch (and its preresnet) put the stride in the 3x3.
-            default_stride="v1.5" if only_preact else "v1", default_classes=1000,
+            default_stride="v1.5" if only_preact else "v1", default_classes=datasets.get("imagenet").num_classes,
             only_preact=only_preact,
         )  # fmt: skip
         self.options = opts

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from resnet_cluster import datasets
 from resnet_cluster.errors import ConfigError
 
 Builder = Callable[..., nn.Module]
@@ -32,7 +33,7 @@ class ModelInfo:
     @property
     def input_size(self) -> int:
         """Side of the native square input: 32 on CIFAR, 224 on ImageNet (Section 3.4)."""
-        return 224 if self.dataset == "imagenet" else 32
+        return datasets.get(self.dataset).input_size
 
 
 _BUILDERS: dict[str, Builder] = {}

@@ -24,6 +24,7 @@ import tempfile
 from typing import Any
 
 from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.plots import pyplot
 from resnet_cluster.artifacts.registry import read_csv
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.sweep import runner
@@ -206,10 +207,7 @@ def _mean_curve(curves: list[list[dict[str, Any]]], key: str) -> tuple[list[floa
 def plot(store: ArtifactStore, rep: dict[str, Any]) -> str | None:
     """Training loss and test error against iterations, one line per row (mean over its
     finished seeds), in one two-panel PNG saved in the sweep's folder. Returns its URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     drawn = 0

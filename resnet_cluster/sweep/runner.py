@@ -20,16 +20,18 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from resnet_cluster import datasets
 from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.registry import get_run, list_runs, parse_events
 from resnet_cluster.artifacts.run import RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
-from resnet_cluster.config import JobConfig, from_dict
+from resnet_cluster.config import JobConfig
 from resnet_cluster.errors import ConfigError, StoreError
 from resnet_cluster.launch import cluster
 from resnet_cluster.launch.submit import check_dataset
-from resnet_cluster.launch.trainer import scaling_plan
+from resnet_cluster.launch.trainer import scaling_plan, scoped_env
+from resnet_cluster.models.jobs import from_dict
 from resnet_cluster.sweep.spec import Sweep
 
 SWEEP_JSON = "sweep.json"
@@ -37,7 +39,6 @@ SWEEP_FILE = "sweep.yaml"
 # The trial's own process only waits on its TorchTrainer. Tune refuses empty resources, and a
 # fraction of a CPU would keep a whole-CPU training worker of another trial from fitting.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
-TRAIN_SIZES = {"cifar10": 50_000, "imagenet": 1_281_167}
 PG_REMOVED = "placement group was removed"  # Ray's words when Tune ends a trial's placement group
 ASHA_REASON = "stopped early by the ASHA scheduler"
 
@@ -120,7 +121,7 @@ def _done(store: ArtifactStore, rec: Any) -> bool:
 def _epochs(cfg: JobConfig) -> int:
     if cfg.train.epochs:
         return cfg.train.epochs
-    size = cfg.data.synthetic_train if cfg.data.dataset == "synthetic" else TRAIN_SIZES[cfg.data.dataset]
+    size = datasets.get(cfg.data.dataset).num_train or cfg.data.synthetic_train
     per_epoch = max(1, size // cfg.train.batch_size)
     return max(1, math.ceil((cfg.train.iterations or 1) / per_epoch))
 
@@ -181,16 +182,24 @@ def _forward_events(on_event: Callable[[dict[str, Any]], None]):
     from ray import tune
 
     class Forward(tune.Callback):
-        def __init__(self) -> None:
+        def __init__(self, on_event: Callable[[dict[str, Any]], None] | None) -> None:
+            self.on_event = on_event
             self.last: dict[str, dict[str, Any]] = {}
 
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its callbacks into the experiment state; the display they feed (locks,
+            # open streams) stays in this process and is not part of it.
+            return {"on_event": None, "last": {}}
+
         def _emit(self, trial, status: str, result: dict[str, Any] | None = None) -> None:
+            if self.on_event is None:
+                return
             t = trial.config.get("trial", {})
             ev = {"kind": "trial", "run_id": t.get("run_id"), "row": t.get("label"), "seed": t.get("seed"), "status": status}
             for k in ("epoch", "iteration", "loss", "top1_err"):
                 if result and isinstance(result.get(k), (int, float)):
                     ev[k] = result[k] + (1 if k == "epoch" else 0)  # epochs done
-            on_event(ev)
+            self.on_event(ev)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._emit(trial, "running")
@@ -206,7 +215,7 @@ def _forward_events(on_event: Callable[[dict[str, Any]], None]):
         def on_trial_error(self, iteration, trials, trial, **info):
             self._emit(trial, "failed")
 
-    return Forward()
+    return Forward(on_event)
 
 
 def run(
@@ -218,93 +227,124 @@ def run(
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every trial of the sweep whose run has not finished; return the sweep's state."""
-    sweep_id = meta["sweep_id"]
     emit = on_event or (lambda ev: None)
+    pending, done_before = _announce(store, meta, emit)
+    if not pending:
+        return _outcome(store, meta, ran=0, skipped=done_before)
+    views, sweep_id = store.sweeps(), meta["sweep_id"]
+    provenance = (views.read_text(sweep_id, layout.GIT_COMMIT), views.read_text(sweep_id, layout.GIT_PATCH))
+    info = cluster.connect(address)
+    n = concurrency(meta, len(pending), info)
+    emit({"kind": "cluster", "sweep_id": sweep_id, "concurrent": n, "pending": len(pending), **info})
+    tuner = _tuner(meta, store, pending, n, scheduler, on_event, provenance)
+    interrupted, errors, cut_short = _fit(tuner)
+    _record_unfinished(store, sweep_id, pending, asha=scheduler == "asha",
+                       interrupted=interrupted, cut_short=cut_short)  # fmt: skip
+    return _outcome(store, meta, ran=len(pending), skipped=done_before, errors=errors, interrupted=interrupted)
+
+
+def _announce(store: ArtifactStore, meta: dict[str, Any], emit: Callable[[dict[str, Any]], None]):
+    """Emit every trial's state; return (the trials to run, how many are done already)."""
     states = trial_states(store, meta)
     done = {rid: _done(store, rec) for rid, rec in states.items()}
     pending = [t for t in meta["trials"] if not done[t["run_id"]]]
-    done_before = len(meta["trials"]) - len(pending)
     for t in meta["trials"]:
         rec = states[t["run_id"]]
         emit({"kind": "trial", "run_id": t["run_id"], "row": t["label"], "seed": t["seed"],
               "status": rec.status if done[t["run_id"]] else "pending",
               **({"top1_err": rec.final_top1_err} if rec and rec.final_top1_err is not None else {})})
-    if not pending:
-        return _outcome(store, meta, ran=0, skipped=done_before)
-    views = store.sweeps()
-    provenance = (views.read_text(sweep_id, layout.GIT_COMMIT), views.read_text(sweep_id, layout.GIT_PATCH))
+    return pending, len(meta["trials"]) - len(pending)
 
-    info = cluster.connect(address)
-    n = concurrency(meta, len(pending), info)
-    emit({"kind": "cluster", "sweep_id": sweep_id, "concurrent": n, "pending": len(pending), **info})
 
+def _scheduler(meta: dict[str, Any], scheduler: str | None):
+    """Tune's trial scheduler for ``--scheduler`` (None: run every trial to the end)."""
+    if scheduler in (None, "none", "fifo"):
+        return None
+    if scheduler != "asha":
+        raise ConfigError(f"--scheduler {scheduler!r}: use asha (early stopping) or leave it out (full runs).")
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = _epochs(_first_cfg(meta))
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric="top1_err",
+        mode="min",
+        max_t=max_t,
+        grace_period=max(1, max_t // 10),
+        reduction_factor=3,
+        # Never stop a trial at its last epoch: that report comes while the run is writing
+        # its model and manifest. Rungs lie below max_t, at earlier epochs.
+        stop_last_trials=False,
+    )
+
+
+def _tuner(meta: dict[str, Any], store: ArtifactStore, pending: list[dict[str, Any]], n: int,
+           scheduler: str | None, on_event: Callable[[dict[str, Any]], None] | None,
+           provenance: tuple[str, str]):
+    """A Tuner with one trial per pending run, ``n`` at once."""
     from ray import tune
 
+    sweep_id = meta["sweep_id"]
     tune_config: dict[str, Any] = {"max_concurrent_trials": n}
-    if scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        max_t = _epochs(_first_cfg(meta))
-        tune_config["scheduler"] = ASHAScheduler(
-            time_attr="training_iteration",
-            metric="top1_err",
-            mode="min",
-            max_t=max_t,
-            grace_period=max(1, max_t // 10),
-            reduction_factor=3,
-            # Never stop a trial at its last epoch: that report comes while the run is writing
-            # its model and manifest. Rungs lie below max_t, at earlier epochs.
-            stop_last_trials=False,
-        )
-    elif scheduler not in (None, "none", "fifo"):
-        raise ConfigError(f"--scheduler {scheduler!r}: use asha (early stopping) or leave it out (full runs).")
-
+    chosen = _scheduler(meta, scheduler)
+    if chosen is not None:
+        tune_config["scheduler"] = chosen
     trainable = tune.with_resources(
         tune.with_parameters(_trial, sweep_id=sweep_id, provenance=provenance, early_stopping=scheduler == "asha"),
         TRIAL_DRIVER_RESOURCES,
     )
-    tune_dir = views.uri(sweep_id, "tune") if store.is_local else None
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(pending)},
         tune_config=tune.TuneConfig(**tune_config),
         run_config=tune.RunConfig(
             name=f"tune-{sweep_id}",
-            storage_path=tune_dir,
+            storage_path=store.sweeps().uri(sweep_id, "tune") if store.is_local else None,
             verbose=0,
-            callbacks=[_forward_events(emit)] if on_event else None,
+            callbacks=[_forward_events(on_event)] if on_event else None,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
+
+
+# Ctrl-C raises KeyboardInterrupt in _fit instead of Tune's own handler saving experiment state:
+# a sweep resumes from its runs in the store, not from Tune's experiment folder. The live table
+# is ours; Tune's own console reporter (new engine) prints its header anyway. Both are set for
+# tuner.fit() only, then restored.
+TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def _fit(tuner) -> tuple[bool, dict[str, str], set[str]]:
+    """Run the trials: (interrupted by Ctrl-C, {run_id: error}, run ids the scheduler cut short)."""
     interrupted = False
     errors: dict[str, str] = {}
     cut_short: set[str] = set()
-    # Ctrl-C raises KeyboardInterrupt here instead of Tune's own handler saving experiment
-    # state: a sweep resumes from its runs in the store, not from Tune's experiment folder.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    # The live table is ours; Tune's own console reporter (new engine) prints its header anyway.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        for result in tuner.fit():
-            rid = (result.config or {}).get("trial", {}).get("run_id")
-            if result.error is not None:
-                text = str(result.error).strip()
-                errors[rid] = text.splitlines()[-1][:500] if text else type(result.error).__name__
-            elif not (result.metrics or {}).get("finished"):
-                cut_short.add(rid)  # ended by the scheduler before its run finished
-    except KeyboardInterrupt:
-        interrupted = True
+    with scoped_env(TUNE_ENV):
+        try:
+            for result in tuner.fit():
+                rid = (result.config or {}).get("trial", {}).get("run_id")
+                if result.error is not None:
+                    text = str(result.error).strip()
+                    errors[rid] = text.splitlines()[-1][:500] if text else type(result.error).__name__
+                elif not (result.metrics or {}).get("finished"):
+                    cut_short.add(rid)  # ended by the scheduler before its run finished
+        except KeyboardInterrupt:
+            interrupted = True
+    return interrupted, errors, cut_short
+
+
+def _record_unfinished(store: ArtifactStore, sweep_id: str, pending: list[dict[str, Any]], *, asha: bool,
+                       interrupted: bool, cut_short: set[str]) -> None:
+    """Record a stop for each run Tune ended while it was going, so it does not look alive forever."""
     for t in pending:
         rid = t["run_id"]
         # ASHA stops a trial by removing its placement group, which takes the run's Ray Train
         # controller with it; the trial then records the stop itself (see _trial). Give it a
         # moment, so that two writers do not append to the run's events at once.
-        asha_stop = scheduler == "asha" and not interrupted and rid in cut_short
+        asha_stop = asha and not interrupted and rid in cut_short
         rec = _settled(store, rid, wait_s=5 if asha_stop else 0)
         if rec is None or not (rec.status == "running" or (asha_stop and rec.status == "failed")):
             continue
-        # Tune ended the trial while its run was going: record that, so the run does not look
-        # alive forever.
         if interrupted:
             reason = "sweep interrupted (Ctrl-C); `resnet-cluster sweep resume` continues it"
         elif asha_stop:
@@ -312,7 +352,6 @@ def run(
         else:
             reason = "its sweep trial ended before the run finished"
         RunWriter(store, rid).event("stopped", reason=reason, sweep_id=sweep_id, early_stop=asha_stop)
-    return _outcome(store, meta, ran=len(pending), skipped=done_before, errors=errors, interrupted=interrupted)
 
 
 def _outcome(store: ArtifactStore, meta: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ A sweep file (``jobs/sweeps/*.yaml``) reproduces one published table::
 
     name: solvers
     title: "CIFAR-10: alternative solvers"
-    source: gcr/torch-residual-networks README (REFERENCE.md §4)
+    source: gcr/torch-residual-networks README (docs/references.md §4)
     base: ../cifar_gcr.yaml          # a job file, relative to this file, or an inline job
     set: {train.epochs: 200}         # dotted overrides applied to the base for every trial
     grid:                            # axes; the table's rows are their product, in order
@@ -40,8 +40,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from resnet_cluster.config import from_dict, parse_override, read_job_file, set_dotted
+from resnet_cluster.config import parse_override, read_job_file, set_dotted
 from resnet_cluster.errors import ConfigError
+from resnet_cluster.models.jobs import from_dict
 
 SWEEP_DIR = Path("jobs") / "sweeps"
 ROW_SEP = " / "
