@@ -33,7 +33,8 @@ def _ports(n: int) -> list[int]:
 
 
 class RayNode:
-    def __init__(self, *, head_gcs: str | None, num_cpus: int, resources: dict[str, float], log: Path):
+    def __init__(self, *, head_gcs: str | None, num_cpus: int, resources: dict[str, float], log: Path,
+                 temp_dir: str | None = None):
         p = _ports(12)
         args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                 f"--resources={json.dumps(resources)}", f"--node-manager-port={p[0]}",
@@ -46,9 +47,12 @@ class RayNode:
             self.dashboard = f"http://127.0.0.1:{p[8]}"
             args += ["--head", f"--port={p[7]}", f"--dashboard-port={p[8]}", "--dashboard-host=127.0.0.1",
                      f"--ray-client-server-port={p[9]}"]  # fmt: skip
+            if temp_dir:  # this cluster's own session files (Prometheus service discovery) only
+                args.append(f"--temp-dir={temp_dir}")
         else:
             self.gcs, self.dashboard = head_gcs, None
             args += [f"--address={head_gcs}"]
+        self.metrics_port = p[6]  # this node's Prometheus endpoint (Ray's metrics agent)
         self.log = open(log, "w")
         self.killed = False
         self.proc = subprocess.Popen(args, env=base_env(), stdout=self.log, stderr=subprocess.STDOUT,
@@ -115,10 +119,10 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None) -> RayNode:
+def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None, temp_dir: str | None = None) -> RayNode:
     # `ray start --head` enables token auth only when a token exists (RAY-NOTES.md).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base_env(), capture_output=True)
-    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log")
+    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log", temp_dir=temp_dir)
     wait_for_nodes(head, 1)
     return head
 
