@@ -137,7 +137,13 @@ def wait_for_nodes(head: RayNode, n: int, timeout: float = 300) -> list[dict]:
     deadline = time.time() + timeout
     last = ""
     while time.time() < deadline:
-        out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True)
+        if head.proc.poll() is not None:  # e.g. "timed out during startup" on a loaded machine
+            raise RuntimeError(f"the head's `ray start` exited ({head.proc.returncode}); see {head.log.name}")
+        try:  # a driver can wait far longer than `timeout` for a GCS that is gone
+            out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            continue
         if out.returncode == 0:
             nodes = [x for x in json.loads(out.stdout.strip().splitlines()[-1]) if x["alive"]]
             if len(nodes) >= n:
