@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from raynodes import base_env, start_head
 
@@ -97,7 +98,7 @@ def test_every_grafana_query_returns_series_from_a_real_prometheus(prometheus, t
     # A short path: Ray's Unix sockets live under the temp dir (107-byte limit).
     ray_tmp = tempfile.mkdtemp(prefix="rcp", dir="/tmp")
     head = start_head(tmp_path, num_cpus=2, temp_dir=ray_tmp)
-    prom_proc = None
+    prom_proc = prom_log = None
     try:
         sd = Path(ray_tmp) / SD_FILE
         deadline = time.time() + 120
@@ -142,8 +143,6 @@ def test_every_grafana_query_returns_series_from_a_real_prometheus(prometheus, t
 
         queries = dashboard_queries(run_id)
         gpu_names = gpu_metric_names()
-        import torch
-
         gpu_queries = {expr for _, expr in queries if metric_names(expr) & gpu_names}
         expect = [(title, expr) for title, expr in queries if expr not in gpu_queries or torch.cuda.is_available()]
         seen: dict[str, list[dict]] = {}
@@ -160,7 +159,7 @@ def test_every_grafana_query_returns_series_from_a_real_prometheus(prometheus, t
         for expr, series in seen.items():  # shown with -s: what the board would draw
             print(f"{len(series):3d} series  {expr}")
 
-        # The numbers are this run's: its run id, both ranks, a Train run in the RUNNING state.
+        # The numbers are this run's: its run id, its ranks, a Train run that is running.
         ours = seen[next(e for _, e in expect if e.startswith("ray_resnet_cluster_images_per_second"))]
         assert {s["metric"]["run_id"] for s in ours} == {run_id}
         assert {s["metric"]["rank"] for s in ours} <= {"0", "1"} and all(float(s["value"][1]) > 0 for s in ours)
@@ -183,5 +182,7 @@ def test_every_grafana_query_returns_series_from_a_real_prometheus(prometheus, t
                 prom_proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 prom_proc.kill()
+        if prom_log is not None:
+            prom_log.close()
         head.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
