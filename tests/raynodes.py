@@ -34,7 +34,7 @@ def _ports(n: int) -> list[int]:
 
 class RayNode:
     def __init__(self, *, head_gcs: str | None, num_cpus: int, resources: dict[str, float], log: Path,
-                 env_extra: dict[str, str] | None = None):
+                 env_extra: dict[str, str] | None = None, temp_dir: str | None = None):
         p = _ports(12)
         args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                 f"--resources={json.dumps(resources)}", f"--node-manager-port={p[0]}",
@@ -47,9 +47,12 @@ class RayNode:
             self.dashboard = f"http://127.0.0.1:{p[8]}"
             args += ["--head", f"--port={p[7]}", f"--dashboard-port={p[8]}", "--dashboard-host=127.0.0.1",
                      f"--ray-client-server-port={p[9]}"]  # fmt: skip
+            if temp_dir:  # this cluster's own session files (Prometheus service discovery) only
+                args.append(f"--temp-dir={temp_dir}")
         else:
             self.gcs, self.dashboard = head_gcs, None
             args += [f"--address={head_gcs}"]
+        self.metrics_port = p[6]  # this node's Prometheus endpoint (Ray's metrics agent)
         self.log = open(log, "w")
         self.killed = False
         self.proc = subprocess.Popen(args, env={**base_env(), **(env_extra or {})}, stdout=self.log,
@@ -116,10 +119,12 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None, env_extra: dict | None = None) -> RayNode:
+def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None, env_extra: dict | None = None,
+               temp_dir: str | None = None) -> RayNode:
     # `ray start --head` enables token auth only when a token exists (docs/ray-notes.md).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base_env(), capture_output=True)
-    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log", env_extra=env_extra)
+    head = RayNode(head_gcs=None, num_cpus=num_cpus, resources=resources or {}, log=tmp / "head.log",
+                   env_extra=env_extra, temp_dir=temp_dir)
     wait_for_nodes(head, 1)
     return head
 
@@ -134,7 +139,13 @@ def wait_for_nodes(head: RayNode, n: int, timeout: float = 300) -> list[dict]:
     deadline = time.time() + timeout
     last = ""
     while time.time() < deadline:
-        out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True)
+        if head.proc.poll() is not None:  # e.g. "timed out during startup" on a loaded machine
+            raise RuntimeError(f"the head's `ray start` exited ({head.proc.returncode}); see {head.log.name}")
+        try:  # a driver can wait far longer than `timeout` for a GCS that is gone
+            out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            continue
         if out.returncode == 0:
             nodes = [x for x in json.loads(out.stdout.strip().splitlines()[-1]) if x["alive"]]
             if len(nodes) >= n:
