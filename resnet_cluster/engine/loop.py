@@ -24,6 +24,7 @@ from resnet_cluster.config import JobConfig
 from resnet_cluster.engine.bn import bn_layers, convert_sync_bn, precise_bn, set_bn_momentum
 from resnet_cluster.engine.checkpoint import capture_rng, restore_rng
 from resnet_cluster.engine.context import WorkerContext
+from resnet_cluster.engine.device import cudnn_benchmark_off, set_determinism
 from resnet_cluster.errors import ConfigError
 from resnet_cluster.optim import LRSchedule, build_optimizer, scaled_lr
 
@@ -209,9 +210,10 @@ def view_scores(
         if not x:
             raise ValueError("a multi-scale test batch needs at least one scale")
         total = None
-        for xs in x:
-            s = _forward(model, xs, autocast, channels_last)
-            total = s if total is None else total + s
+        with cudnn_benchmark_off():  # a new shape every call: autotuning would never pay back
+            for xs in x:
+                s = _forward(model, xs, autocast, channels_last)
+                total = s if total is None else total + s
         return total / len(x), False
     if x.dim() == 5:
         b, v = x.shape[:2]
@@ -280,6 +282,7 @@ def fit(
     from resnet_cluster.data.loaders import build_loaders_for
 
     ctx = ctx or WorkerContext()
+    set_determinism(cfg.precision.deterministic)
     # The same seed on every rank gives the same initial weights (DDP also broadcasts them).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
