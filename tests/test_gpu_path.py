@@ -169,3 +169,201 @@ def test_multiscale_scores_run_with_cudnn_benchmark_off_and_restore_it(restore_t
     assert seen == [False, False] and torch.backends.cudnn.benchmark is True
     view_scores(Probe(), torch.randn(2, 3, 8, 8))  # one-shape batches keep the autotuner
     assert seen[-1] is True
+
+
+# ---- 5. the Caffe/Torch7 solvers as multi-tensor ops -------------------------------------------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from resnet_cluster.optim.solvers import MomentumSGD  # noqa: E402
+
+
+class Ops(TorchDispatchMode):
+    """Every ATen operator dispatched inside, by name (record_function markers left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith("profiler."):
+            self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(opt) -> list[str]:
+    opt.step()  # the first step makes the momentum buffers
+    with Ops() as ops:
+        opt.step()
+    return ops.names
+
+
+def test_caffe_and_torch7_steps_dispatch_as_few_operators_as_foreach_sgd():
+    from resnet_cluster import models
+
+    with torch.device("meta"):  # shapes only: the count depends on the tensors, not their values
+        net = models.build("resnet152", shortcut="B")
+    params = list(net.parameters())
+    assert len(params) == 467
+    for p in params:
+        p.grad = torch.ones_like(p)
+    sgd = len(_step_ops(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)))
+    for style in ("caffe", "torch7", "pytorch"):
+        for nesterov in (False, True) if style != "torch7" else (False,):
+            n = len(_step_ops(MomentumSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, style=style,
+                                          nesterov=nesterov)))
+            assert n <= 4 * sgd, (style, nesterov, n, sgd)  # the per-parameter loop: 1,870
+            assert n <= 6
+
+
+@pytest.mark.parametrize("style", ["pytorch", "caffe", "torch7"])
+def test_multi_tensor_update_equals_the_per_parameter_formula(style):
+    """Parameters of several shapes, one without a gradient at first (its buffer starts a step
+    later), and an lr drop: each tensor follows its convention's formula by hand."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (5,), (2, 2, 3)]
+    params = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    buf = [None] * len(params)
+    m, wd = 0.9, 0.01
+    opt = MomentumSGD(params, lr=0.1, momentum=m, weight_decay=wd, style=style)
+    for step, lr in enumerate([0.1, 0.1, 0.01, 0.01]):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for i, p in enumerate(params):
+            p.grad = None if (i == 1 and step == 0) else torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            d = p.grad + wd * ref[i]
+            if style == "caffe":
+                buf[i] = (buf[i] if buf[i] is not None else torch.zeros_like(d)) * m + lr * d
+                ref[i] = ref[i] - buf[i]
+            else:
+                damp = (1 - m) if style == "torch7" else 1.0
+                buf[i] = d.clone() if buf[i] is None else buf[i] * m + damp * d
+                ref[i] = ref[i] - lr * buf[i]
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)
+
+
+# ---- 6. no host syncs: dynamic BN, synthetic augmentation ------------------------------------
+
+
+def _train_ops(model, x) -> list[str]:
+    with Ops() as ops:
+        model(x).sum().backward()
+    return ops.names
+
+
+def test_dynamic_bn_reads_nothing_back_from_the_device():
+    from resnet_cluster import models
+    from resnet_cluster.engine.bn import DynamicMomentum, set_bn_momentum
+
+    x = torch.randn(4, 3, 32, 32)
+    old = models.build("cifar_resnet20")
+    set_bn_momentum(old, None)  # PyTorch's cumulative average: float(num_batches_tracked) per layer
+    assert "aten._local_scalar_dense.default" in _train_ops(old, x)  # the check can fail
+    new = models.build("cifar_resnet20")
+    DynamicMomentum(new)
+    for _ in range(3):
+        assert "aten._local_scalar_dense.default" not in _train_ops(new, x)
+
+
+def test_dynamic_bn_compiles_to_one_graph():
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    from resnet_cluster import models
+    from resnet_cluster.engine.bn import DynamicMomentum
+
+    torch._dynamo.reset()
+    model = models.build("cifar_resnet20")
+    dyn = DynamicMomentum(model)
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile(backend=counter)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(3):  # n changes every step: no recompilation either
+        model(x).sum().backward()
+    dyn.reset()
+    model(x).sum().backward()
+    assert counter.frame_count == 1
+    assert dyn.n == 1
+    torch._dynamo.reset()
+
+
+def test_synthetic_batches_with_augmentation_read_nothing_back():
+    from resnet_cluster.data.loaders import build_synthetic_loaders
+
+    train, _, _ = build_synthetic_loaders(augment="paper", batch_size=8, rank=0, world_size=1, seed=0,
+                                          synthetic_train=32, synthetic_test=8)
+    with Ops() as ops:
+        batches = list(train)
+    assert len(batches) == 4 and "aten._local_scalar_dense.default" not in ops.names
+
+
+# ---- 7. batches in the model's memory format, in one pass -------------------------------------
+
+
+def _same_batches(a, b, channels_last_b: bool = True):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        views = list(zip(xa, xb)) if isinstance(xa, list) else [(xa, xb)]
+        for va, vb in views:
+            torch.testing.assert_close(va, vb, rtol=0, atol=1e-6)
+            flat = vb.reshape(-1, *vb.shape[-3:])  # 10-crop: [B*10, 3, H, W], as the model sees it
+            if channels_last_b:
+                assert flat.is_contiguous(memory_format=torch.channels_last)
+                assert flat.contiguous(memory_format=torch.channels_last) is flat  # the loop copies nothing
+        assert torch.equal(ya, yb)
+
+
+def test_synthetic_batches_come_channels_last_with_the_same_values():
+    from resnet_cluster.data.loaders import build_synthetic_loaders
+
+    common = dict(augment="paper", batch_size=8, rank=0, world_size=1, seed=3, synthetic_train=32,
+                  synthetic_test=8)
+    a, _, _ = build_synthetic_loaders(**common)
+    b, _, _ = build_synthetic_loaders(**common, channels_last=True)
+    _same_batches(a, b)
+
+
+@pytest.fixture(scope="module")
+def inet(tmp_path_factory):
+    from test_imagenet import make_layout, prepare
+
+    root = tmp_path_factory.mktemp("inet-gpu")
+    dest = str(root / "dest")
+    prepare(make_layout(root / "src", "csv", corrupt=False), dest, max_side=100)
+    return dest
+
+
+@pytest.mark.parametrize("view,augment", [("train", "paper"), ("1crop", "none"), ("10crop", "none"),
+                                          ("multiscale", "none")])
+def test_jpeg_batches_come_channels_last_with_the_same_values(inet, view, augment):
+    from test_imagenet import _loader
+
+    batch = 1 if view == "multiscale" else 3
+    a = _loader(inet, train=view == "train", view=view, augment=augment, batch=batch)
+    b = _loader(inet, train=view == "train", view=view, augment=augment, batch=batch, channels_last=True)
+    _same_batches(a, b)
+
+
+def test_cifar_shard_batches_with_crops_come_channels_last(tmp_path):
+    from test_data import write_archive
+
+    from resnet_cluster.data.cifar import prepare_cifar10
+    from resnet_cluster.data.loaders import build_loaders_for
+
+    archive = tmp_path / "c.tar.gz"
+    write_archive(archive, bytes_keys=True)
+    prepare_cifar10(str(archive), str(tmp_path / "dest"), shard_images=16)
+
+    def cfg(cl: bool):
+        return config.from_dict({"data": {"dataset": "cifar10", "root": str(tmp_path / "dest")},
+                                 "train": {"batch_size": 8, "iterations": 2}, "scaling": {"workers": 1},
+                                 "precision": {"channels_last": cl}})
+
+    a, _, _ = build_loaders_for(cfg(False), rank=0, world_size=1)
+    b, _, _ = build_loaders_for(cfg(True), rank=0, world_size=1)
+    _same_batches(a, b)
