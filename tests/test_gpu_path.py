@@ -367,3 +367,56 @@ def test_cifar_shard_batches_with_crops_come_channels_last(tmp_path):
     a, _, _ = build_loaders_for(cfg(False), rank=0, world_size=1)
     b, _, _ = build_loaders_for(cfg(True), rank=0, world_size=1)
     _same_batches(a, b)
+
+
+# ---- 4. JPEG decoders from cpus_per_worker; test decoders only while evaluating ---------------
+
+
+def test_decoder_default_follows_the_reserved_cpus():
+    from resnet_cluster.data.streaming import default_decoders
+
+    assert [default_decoders(c) for c in (0.5, 1, 2, 8, 11, 22)] == [1, 1, 1, 7, 10, 21]
+
+
+def test_test_decoders_exist_only_while_evaluating(inet):
+    import multiprocessing
+
+    from resnet_cluster.data.loaders import build_loaders_for
+
+    cfg = config.from_dict({"data": {"dataset": "imagenet", "root": inet, "augment": "none"},
+                            "train": {"batch_size": 2, "iterations": 2},
+                            "scaling": {"workers": 1, "cpus_per_worker": 3}})
+    train, test, _ = build_loaders_for(cfg, rank=0, world_size=1)
+    assert train.loader_workers == test.loader_workers == 2  # 3 CPUs: 2 decoders + training
+    before = set(multiprocessing.active_children())
+    try:
+        train.set_epoch(0)
+        next(iter(train))
+        decoders = set(multiprocessing.active_children()) - before
+        assert len(decoders) == 2  # the training decoders stay for the next epoch
+        assert sum(1 for _ in test) == len(test)
+        assert set(multiprocessing.active_children()) - before == decoders  # the test ones are gone
+    finally:
+        train.close()
+
+
+# ---- data.synthetic_size: ImageNet-shaped synthetic data -------------------------------------
+
+
+def test_synthetic_data_can_be_imagenet_shaped():
+    from resnet_cluster.data.loaders import build_loaders_for
+    from resnet_cluster.data.synthetic import make_synthetic
+
+    small = make_synthetic(20, 4, seed=0)
+    assert small.train_x.shape == (20, 3, 32, 32)
+    big = make_synthetic(20, 4, seed=0, size=224)
+    assert big.train_x.shape == (20, 3, 224, 224) and big.train_x.dtype.name == "uint8"
+    assert (big.train_y == small.train_y).all()  # the same labels; only the images grow
+    cfg = config.load(SMOKE, ["data.synthetic_size=224", "data.synthetic_train=16", "data.synthetic_test=4",
+                              "train.batch_size=8", "scaling.workers=1", "precision.channels_last=true"])
+    train, test, _ = build_loaders_for(cfg, rank=0, world_size=1)
+    train.set_epoch(0)
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 224, 224) and x.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ConfigError, match="synthetic_size"):
+        config.load(SMOKE, ["data.synthetic_size=8"])
