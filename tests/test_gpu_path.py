@@ -210,14 +210,19 @@ def test_caffe_and_torch7_steps_dispatch_as_few_operators_as_foreach_sgd():
     sgd = len(_step_ops(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)))
     for style in ("caffe", "torch7", "pytorch"):
         for nesterov in (False, True) if style != "torch7" else (False,):
-            n = len(_step_ops(MomentumSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, style=style,
-                                          nesterov=nesterov)))
-            assert n <= 4 * sgd, (style, nesterov, n, sgd)  # the per-parameter loop: 1,870
+            opt = MomentumSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, style=style, nesterov=nesterov,
+                              foreach=True)  # what parameters on a GPU get (foreach: None)
+            n = len(_step_ops(opt))
+            assert n <= 4 * sgd, (style, nesterov, n, sgd)
             assert n <= 6
+    # the per-tensor loop (the CPU's default) dispatches 4 per parameter tensor: what a GPU is spared
+    each = MomentumSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, style="caffe")
+    assert len(_step_ops(each)) >= 4 * 467
 
 
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("style", ["pytorch", "caffe", "torch7"])
-def test_multi_tensor_update_equals_the_per_parameter_formula(style):
+def test_multi_tensor_update_equals_the_per_parameter_formula(style, foreach):
     """Parameters of several shapes, one without a gradient at first (its buffer starts a step
     later), and an lr drop: each tensor follows its convention's formula by hand."""
     g = torch.Generator().manual_seed(0)
@@ -226,7 +231,7 @@ def test_multi_tensor_update_equals_the_per_parameter_formula(style):
     ref = [p.detach().clone() for p in params]
     buf = [None] * len(params)
     m, wd = 0.9, 0.01
-    opt = MomentumSGD(params, lr=0.1, momentum=m, weight_decay=wd, style=style)
+    opt = MomentumSGD(params, lr=0.1, momentum=m, weight_decay=wd, style=style, foreach=foreach)
     for step, lr in enumerate([0.1, 0.1, 0.01, 0.01]):
         for group in opt.param_groups:
             group["lr"] = lr

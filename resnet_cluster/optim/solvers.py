@@ -44,30 +44,66 @@ class MomentumSGD(torch.optim.Optimizer):
         *,
         style: str = "pytorch",
         nesterov: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         if style not in ("pytorch", "caffe", "torch7"):
             raise ValueError(f"momentum style {style!r}: choose pytorch, caffe or torch7")
         if nesterov and (momentum <= 0 or style == "torch7"):
             raise ValueError("nesterov needs momentum > 0 and style pytorch or caffe")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, style=style, nesterov=nesterov)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, style=style, nesterov=nesterov,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter with a gradient, as multi-tensor (``torch._foreach_*``)
-        ops: a handful of kernel launches per parameter group and step, not ~4 per parameter
-        (ResNet-152 has 467 parameter tensors; tests/test_gpu_path.py counts the operators)."""
+        """One update of every parameter with a gradient.
+
+        ``foreach`` (None: on when every parameter is on a GPU, as torch.optim decides): as
+        multi-tensor ``torch._foreach_*`` ops, 4 operators per group and step instead of ~4 per
+        parameter tensor (ResNet-152 has 467: 1,870 small kernel launches, each costing more
+        than its work on a GPU; tests/test_gpu_path.py counts them). On a CPU the per-tensor
+        loop is faster (each tensor goes through all its ops while in cache:
+        benchmarks/RESULTS.md), so it stays the CPU's path.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._update(group, params)
+            if not params:
+                continue
+            foreach = group.get("foreach")
+            if foreach is None:
+                foreach = all(p.device.type == "cuda" for p in params)
+            (self._update_foreach if foreach else self._update_each)(group, params)
         return loss
 
-    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _update_each(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+        style, nesterov = group["style"], group["nesterov"]
+        for p in params:
+            d = p.grad
+            if wd:
+                d = d.add(p, alpha=wd)
+            if m == 0:
+                p.add_(d, alpha=-lr)
+                continue
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if style == "caffe":
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(m).add_(d, alpha=lr)
+                p.sub_(buf if not nesterov else d.mul(lr).add_(buf, alpha=m))
+                continue
+            if buf is None:
+                buf = state["momentum_buffer"] = d.detach().clone()
+            else:
+                buf.mul_(m).add_(d, alpha=(1.0 - m) if style == "torch7" else 1.0)
+            p.add_(buf if not nesterov else d.add(buf, alpha=m), alpha=-lr)
+
+    def _update_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
         style, nesterov = group["style"], group["nesterov"]
         grads = [p.grad for p in params]
