@@ -425,3 +425,23 @@ def test_synthetic_data_can_be_imagenet_shaped():
     assert x.shape == (8, 3, 224, 224) and x.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ConfigError, match="synthetic_size"):
         config.load(SMOKE, ["data.synthetic_size=8"])
+
+
+# ---- benchmarks/gpu_check.py: its jobs and refusals (the whole script: --cpu, see RESULTS.md) ---
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_gpu_check_jobs_validate_and_its_two_rank_job_is_refused(tmp_path, cpu):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    s = gpu_check.settings(cpu)
+    job = gpu_check.job(s, tmp_path / "store")
+    cfg = config.from_dict(job)
+    assert cfg.scaling.use_gpu is (not cpu) and cfg.precision.amp == "bf16" and cfg.precision.channels_last
+    assert cfg.data.synthetic_size == (64 if cpu else 224) and cfg.model.arch == "resnet50"
+    assert cfg.train.batch_size == (8 if cpu else 256)
+    two = config.apply_overrides(job, ["scaling.use_gpu=true", "scaling.workers=2", "scaling.gpus_per_worker=0.5",
+                                       f"train.batch_size={2 * s['batch']}"])
+    with pytest.raises(ConfigError, match="DDP ranks need whole GPUs"):
+        config.from_dict(two)
