@@ -7,7 +7,8 @@ the solver before issue 14 (the per-tensor loop only: ~4 small kernels per param
     python benchmarks/bench_solvers.py [--archs resnet50,resnet152] [--device cpu|cuda]
                                        [--steps 15] [--threads 2] [--baseline 7caa449]
 
-Solvers are interleaved step by step so that load from other processes hits them alike; each
+Solvers are interleaved step by step, in an order rotated every round, so that load from other
+processes (and the caches and allocator state one leaves to the next) hit them alike; each
 figure is the median step time (weight decay 1e-4, momentum 0.9, gradients random, no
 forward/backward). Prints one JSON line per (arch, solver) with the operator count of one step
 (TorchDispatchMode) and the ratio to foreach SGD.
@@ -55,7 +56,7 @@ def baseline_class(commit: str):
     return mod.MomentumSGD
 
 
-def make_solvers(params, baseline):
+def make_solvers(params, baseline, only: set[str] | None = None):
     kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
     out = {
         "sgd_foreach": torch.optim.SGD(params, foreach=True, **kw),
@@ -65,16 +66,16 @@ def make_solvers(params, baseline):
     }
     if baseline is not None:
         out["caffe_before"] = baseline(params, style="caffe", **kw)
-    return out
+    return {k: v for k, v in out.items() if only is None or k in only}
 
 
-def run(arch: str, device: str, steps: int, baseline) -> list[dict]:
+def run(arch: str, device: str, steps: int, baseline, only: set[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     net = models.build(arch, **({"shortcut": "B"} if arch.startswith("resnet") else {})).to(device)
     params = list(net.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    solvers = make_solvers(params, baseline)
+    solvers = make_solvers(params, baseline, only)
     times: dict[str, list[float]] = {k: [] for k in solvers}
     ops = {}
     for name, opt in solvers.items():
@@ -84,14 +85,16 @@ def run(arch: str, device: str, steps: int, baseline) -> list[dict]:
             opt.step()
         ops[name] = c.n
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(steps):
-        for name, opt in solvers.items():
+    names = list(solvers)
+    for i in range(steps):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotated: no solver always follows another
+            opt = solvers[name]
             sync()
             t = time.perf_counter()
             opt.step()
             sync()
             times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["sgd_foreach"])
+    base = statistics.median(times["sgd_foreach"]) if "sgd_foreach" in times else float("nan")
     rows = []
     for name in solvers:
         med = statistics.median(times[name])
@@ -108,11 +111,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", default="7caa449", help="commit whose MomentumSGD is the per-parameter loop")
+    ap.add_argument("--solvers", default=None, help="comma-separated subset, e.g. caffe_per_tensor (one per process "
+                    "compares without one solver's allocations changing the next one's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     baseline = baseline_class(args.baseline) if args.baseline else None
     for arch in args.archs.split(","):
-        for row in run(arch, args.device, args.steps, baseline):
+        only = set(args.solvers.split(",")) if args.solvers else None
+        for row in run(arch, args.device, args.steps, baseline, only):
             print(json.dumps(row), flush=True)
 
 

@@ -59,7 +59,8 @@ _PERM, _AUG = 0, 1  # stream tags, so the permutation and augmentation streams n
 
 
 class ImageBatches:
-    """Iterable over (x float32 [b, 3, 32, 32], y int64 [b]) batches for one rank.
+    """Iterable over (x float32 [b, 3, H, W], y int64 [b]) batches for one rank; with
+    ``channels_last`` x has NHWC strides (the model's memory format, no copy in the loop).
 
     ``x = (image - mean) / 255``: per-pixel mean subtraction as in the paper; the /255 only
     rescales. ``batch_size`` is per worker.
@@ -183,7 +184,8 @@ def build_synthetic_loaders(
     size: int = 32,
     channels_last: bool = False,
 ) -> tuple[ImageBatches, ImageBatches, dict]:
-    """This rank's train and test :class:`ImageBatches` of synthetic CIFAR-shaped data.
+    """This rank's train and test :class:`ImageBatches` of synthetic data, ``size`` x ``size``
+    images (32: CIFAR-shaped; 224: ImageNet-shaped, for GPU benchmarks).
 
     :func:`make_synthetic` with the fixed data seed 0, so runs with different seeds see the same
     data. ``augment``: "paper" (pad 4, random crop, flip) or "none". Returns (train, test, info)
