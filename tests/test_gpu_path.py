@@ -445,3 +445,13 @@ def test_gpu_check_jobs_validate_and_its_two_rank_job_is_refused(tmp_path, cpu):
                                        f"train.batch_size={2 * s['batch']}"])
     with pytest.raises(ConfigError, match="DDP ranks need whole GPUs"):
         config.from_dict(two)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path of this machine")
+def test_eval_on_a_device_without_cuda_is_one_message(tmp_path):
+    from resnet_cluster.engine.evaluation import Loaded, evaluate_loaded
+    from resnet_cluster.engine.loop import build_model
+
+    cfg = config.load(SMOKE, ["scaling.workers=1"])
+    with pytest.raises(DeviceError, match="--device cuda was asked for"):
+        evaluate_loaded(Loaded(build_model(cfg), cfg, "x", "model.pt", None), device="cuda")

@@ -55,7 +55,8 @@ def driver_version(proc_file: str = _PROC_DRIVER) -> str | None:
     return None
 
 
-def cuda_problem(driver: str | None = None) -> str | None:
+def cuda_problem(driver: str | None = None, *, asked: str = "scaling.use_gpu is true",
+                 fallback: str = "set scaling.use_gpu: false") -> str | None:
     """Why this process cannot use CUDA (one paragraph naming torch's CUDA and the driver), or
     None when ``torch.cuda.is_available()``. Without this check a mismatch (a wheel built for
     a newer CUDA than the node's driver supports) surfaces as a bare traceback from
@@ -70,20 +71,20 @@ def cuda_problem(driver: str | None = None) -> str | None:
     seen = f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
     if torch.version.cuda is None:
         return (
-            f"scaling.use_gpu is true, but torch {torch.__version__} on {host} is a CPU-only "
+            f"{asked}, but torch {torch.__version__} on {host} is a CPU-only "
             f"build (torch.version.cuda is None; the node has {have}{seen}). Install a CUDA "
             "build of torch on the GPU nodes (`pip install torch` on Linux x86_64 installs one), "
-            "or set scaling.use_gpu: false."
+            f"or {fallback}."
         )
     return (
-        f"scaling.use_gpu is true, but CUDA does not start on {host}: torch "
+        f"{asked}, but CUDA does not start on {host}: torch "
         f"{torch.__version__} is built for CUDA {torch.version.cuda} and the node has {have}"
         f"{seen}, so torch.cuda.is_available() is false. Most often the driver is older than "
         f"CUDA {torch.version.cuda} needs (NVIDIA's table of minimum drivers: "
         "https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/index.html#id5); install the "
         "torch wheel for the node's CUDA (e.g. `pip install torch --index-url "
         "https://download.pytorch.org/whl/cu121`), or a newer driver. `nvidia-smi` on that "
-        "node shows the driver and the highest CUDA it supports."
+        f"node shows the driver and the highest CUDA it supports. Or {fallback}."
     )
 
 

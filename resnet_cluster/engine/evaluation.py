@@ -24,8 +24,9 @@ from torch import nn
 from resnet_cluster.config import JobConfig, apply_overrides, from_dict
 from resnet_cluster.engine.bn import precise_bn
 from resnet_cluster.engine.context import WorkerContext
+from resnet_cluster.engine.device import cuda_problem
 from resnet_cluster.engine.loop import _autocast, evaluate
-from resnet_cluster.errors import ConfigError, StoreError
+from resnet_cluster.errors import ConfigError, DeviceError, StoreError
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -149,6 +150,9 @@ def evaluate_loaded(
 
     cfg = loaded.cfg
     dev = torch.device(device)
+    if dev.type == "cuda" and (problem := cuda_problem(asked=f"--device {device} was asked for",
+                                                       fallback="evaluate with --device cpu")):
+        raise DeviceError(problem)
     ctx = WorkerContext(device=dev)
     model = loaded.model.to(dev)
     if cfg.precision.channels_last:
