@@ -57,11 +57,16 @@ class DataConfig(_Section):
     # [256, 480], random 224 crop, flip, mean subtraction, PCA lighting (Section 3.4).
     # inception (ImageNet only): random-resized crop, area 8-100%, ratio 3/4-4/3, flip.
     augment: Literal["paper", "inception", "none"] = "paper"
-    # Sizes of the generated set when dataset is synthetic (CIFAR-shaped, learnable).
+    # Sizes of the generated set when dataset is synthetic (learnable), and the side of its
+    # square images: 32 is CIFAR-shaped, 224 ImageNet-shaped (for GPU throughput benchmarks;
+    # 2560 images of 224x224 hold 385 MB of uint8 per worker).
     synthetic_train: int = Field(2560, ge=1)
     synthetic_test: int = Field(512, ge=1)
+    synthetic_size: int = Field(32, ge=16, le=512)
     # Prepared shards (cifar10, imagenet): DataLoader worker processes per rank (0 = read in the
-    # training process; null = 4 for ImageNet's JPEGs, 0 for CIFAR-10's raw pixels, which need
+    # training process; null = for ImageNet's JPEGs one decoder per CPU of
+    # scaling.cpus_per_worker but the one the training process uses, at least 1
+    # (data.streaming.default_decoders); 0 for CIFAR-10's raw pixels, which need
     # no decoding: there the workers' IPC costs the training process more than reading does),
     # batches each worker prepares ahead, shards mixed per shuffle window, and whether each
     # shard's sha256 is checked as it is read. ImageNet only: AlexNet PCA lighting std (0 = off).
@@ -192,11 +197,40 @@ class BNConfig(_Section):
     sync: bool = False  # SyncBatchNorm across DDP ranks (GPU only)
 
 
+def gpu_share_problem(workers: int, use_gpu: bool, gpus_per_worker: float) -> str | None:
+    """Why ``gpus_per_worker`` cannot work for ``workers`` DDP ranks, or None if it can.
+
+    The loop trains on one device per rank (``ray.train.torch.get_device()`` returns one), so
+    a rank given 2 GPUs leaves one idle; and below 1 GPU, Ray puts two ranks of one job on the
+    same GPU, where NCCL stops at the first collective ("Duplicate GPU detected"). A fraction
+    works for a single-worker job: the sweeps' way to share one GPU between trials.
+    """
+    if not use_gpu or gpus_per_worker == 1:
+        return None
+    if gpus_per_worker > 1:
+        return (
+            f"scaling.gpus_per_worker {gpus_per_worker:g}: each worker trains on one GPU (one "
+            "DDP rank per GPU), so the others would sit idle. Use gpus_per_worker: 1 and one "
+            "worker per GPU (scaling.workers: the number of GPUs to train on)"
+        )
+    if workers > 1:
+        return (
+            f"scaling.gpus_per_worker {gpus_per_worker:g} with {workers} workers: DDP ranks need "
+            "whole GPUs (Ray would put two ranks on one GPU and NCCL refuses them, \"Duplicate "
+            "GPU detected\"). Use gpus_per_worker: 1, or scaling.workers: 1 for a job (e.g. a "
+            "sweep trial, trial_resources gpu) that shares a GPU"
+        )
+    return None
+
+
 class ScalingSection(_Section):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    gpus_per_worker: float = Field(1, gt=0)
-    cpus_per_worker: float = Field(1, gt=0)
+    # GPUs per worker: 1, or a fraction of one GPU for a single-worker job (gpu_share_problem).
+    gpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
+    # CPUs per worker: the torch threads of the training process, and the default number of
+    # JPEG decoder processes (data.loader_workers). At most a large node's worth.
+    cpus_per_worker: float = Field(1, gt=0, le=1024, allow_inf_nan=False)
     # Ray placement-group strategy for the worker bundles: PACK fills nodes first, SPREAD spreads
     # them best-effort, STRICT_SPREAD puts every worker on a different node.
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
@@ -207,6 +241,9 @@ class ScalingSection(_Section):
 
     @model_validator(mode="after")
     def _per_node(self) -> ScalingSection:
+        problem = gpu_share_problem(self.workers, self.use_gpu, self.gpus_per_worker)
+        if problem:
+            raise ValueError(problem)
         if self.workers_per_node is not None:
             if self.workers % self.workers_per_node:
                 raise ValueError(
@@ -243,6 +280,11 @@ class PrecisionConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler
     channels_last: bool = False  # NHWC activations and weights (faster convs on tensor cores)
     compile: bool = False  # torch.compile the model
+    # Bitwise-repeatable training on one setup: torch.use_deterministic_algorithms(True) (an op
+    # without a deterministic kernel raises instead of running), cudnn.benchmark off and
+    # cudnn.deterministic on, and CUBLAS_WORKSPACE_CONFIG=:4096:8 before cuBLAS starts
+    # (engine/device.py; README "Determinism" says what this promises and what it does not).
+    deterministic: bool = False
     # torch.compile backend: inductor (fast kernels; minutes to compile on a CPU), or e.g.
     # aot_eager / eager to check that a model traces without generating code
     compile_backend: str = "inductor"

@@ -28,3 +28,7 @@ class StoreError(UserError):
 
 class ClusterError(UserError):
     """A Ray cluster that cannot be reached or refuses the job."""
+
+
+class DeviceError(UserError):
+    """A device the job asks for that this machine cannot give (no usable CUDA)."""

@@ -21,6 +21,7 @@ import torch
 from resnet_cluster.config import JobConfig
 from resnet_cluster.engine import Callback, WorkerContext, fit
 from resnet_cluster.engine.checkpoint import load_train_state
+from resnet_cluster.engine.device import setup_device
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         local_rank=tc.get_local_rank(),
         device=ray.train.torch.get_device(),
     )
-    if ctx.device.type == "cuda":
-        torch.cuda.set_device(ctx.device)
-        torch.backends.cudnn.benchmark = True
+    # Before anything uses CUDA: a node whose driver cannot run this torch gets a message
+    # naming both, not a traceback from set_device (engine/device.py).
+    setup_device(ctx.device, deterministic=cfg.precision.deterministic)
 
     resume = None
     checkpoint = ray.train.get_checkpoint()

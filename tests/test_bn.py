@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from resnet_cluster.engine import WorkerContext, fit
-from resnet_cluster.engine.bn import convert_sync_bn, dynamic_momentum, precise_bn
-from resnet_cluster.engine.loop import build_model, reset_bn_epoch
+from resnet_cluster.engine.bn import DynamicMomentum, convert_sync_bn, dynamic_momentum, precise_bn
+from resnet_cluster.engine.loop import build_model
 from resnet_cluster.errors import ConfigError
 from resnet_cluster.models import jobs
 
@@ -38,18 +38,22 @@ def test_dynamic_momentum_values():
 def test_dynamic_policy_is_the_average_of_this_epochs_batches():
     cfg = jobs.load(SMOKE, [*TINY, "bn.policy=dynamic"])
     model = build_model(cfg)
+    DynamicMomentum(model)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(m.momentum is None for m in bns)
+    assert bns and all(m.momentum == 1.0 for m in bns)  # each forward's stats, averaged by hooks
     fixed = build_model(jobs.load(SMOKE, [*TINY, "bn.momentum=0.3"]))
     assert all(m.momentum == 0.3 for m in fixed.modules() if isinstance(m, nn.BatchNorm2d))
 
-    bn = nn.BatchNorm2d(3, momentum=None)
+    bn = nn.BatchNorm2d(3)
+    dyn = DynamicMomentum(bn)
     data = batches(6)
     for x, _ in data[:3]:  # epoch 0
         bn(x)
-    reset_bn_epoch(bn)
+    dyn.reset()
     for x, _ in data[3:]:  # epoch 1: only these three batches count
         bn(x)
+    bn.eval()(data[0][0])  # a test forward is not a batch of the average
+    bn.train()
     means = torch.stack([x.mean(dim=(0, 2, 3)) for x, _ in data[3:]])
     varis = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x, _ in data[3:]])
     torch.testing.assert_close(bn.running_mean, means.mean(0), rtol=1e-5, atol=1e-6)

@@ -30,7 +30,8 @@ PAD = CIFAR_PAD
 # --------------------------------------------------------------------------------------------
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD, *,
+                     channels_last: bool = False) -> torch.Tensor:
     """Paper §4.2 augmentation for a batch ``x`` [b, c, h, w]: zero-pad ``pad`` pixels on each
     side, take a random h x w crop, and flip it horizontally with probability 1/2.
 
@@ -42,7 +43,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD
     b = x.shape[0]
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)  # [b, (dy, dx)]
     flip = torch.rand(b, generator=generator) < 0.5
-    return crop_flip(x, offsets, flip, pad)
+    return crop_flip(x, offsets, flip, pad, channels_last=channels_last)  # copied without a sync
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +61,8 @@ _PERM, _AUG = 0, 1  # stream tags, so the permutation and augmentation streams n
 
 
 class ImageBatches:
-    """Iterable over (x float32 [b, 3, 32, 32], y int64 [b]) batches for one rank.
+    """Iterable over (x float32 [b, 3, H, W], y int64 [b]) batches for one rank; with
+    ``channels_last`` x has NHWC strides (the model's memory format, no copy in the loop).
 
     ``x = (image - mean) / 255``: per-pixel mean subtraction as in the paper; the /255 only
     rescales. ``batch_size`` is per worker.
@@ -89,6 +91,7 @@ class ImageBatches:
         augment: bool,
         mean: torch.Tensor | np.ndarray,
         device: str | torch.device = "cpu",
+        channels_last: bool = False,
     ) -> None:
         images = torch.as_tensor(images_uint8)
         labels = torch.as_tensor(labels).to(torch.int64)
@@ -107,6 +110,10 @@ class ImageBatches:
         if mean.shape != images.shape[1:]:
             raise ValueError(f"mean has shape {list(mean.shape)}, images {list(images.shape[1:])}")
         self.mean = mean.to(self.device)
+        # channels_last: keep the images NHWC, so a batch is channels_last after one pass
+        self.channels_last = channels_last
+        if channels_last:
+            self.images = images.permute(0, 2, 3, 1).contiguous()
         self.epoch = 0
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         n = images.shape[0]
@@ -157,9 +164,12 @@ class ImageBatches:
             # Move uint8 (4x fewer bytes than float), then normalise and augment on the device.
             xb = xb.to(self.device, non_blocking=non_blocking)
             yb = yb.to(self.device, non_blocking=non_blocking)
-            x = (xb.float() - self.mean) / 255.0
+            if not self.channels_last:
+                x = (xb.float() - self.mean) / 255.0
+            else:  # NHWC storage: the permuted float batch is already channels_last
+                x = xb.permute(0, 3, 1, 2).float().sub_(self.mean).div_(255.0)
             if aug_gen is not None:
-                x = random_crop_flip(x, aug_gen)
+                x = random_crop_flip(x, aug_gen, channels_last=self.channels_last)
             yield x, yb
 
 
@@ -173,8 +183,11 @@ def build_synthetic_loaders(
     synthetic_train: int = 2560,
     synthetic_test: int = 512,
     device: str | torch.device = "cpu",
+    size: int = 32,
+    channels_last: bool = False,
 ) -> tuple[ImageBatches, ImageBatches, dict]:
-    """This rank's train and test :class:`ImageBatches` of synthetic CIFAR-shaped data.
+    """This rank's train and test :class:`ImageBatches` of synthetic data, ``size`` x ``size``
+    images (32: CIFAR-shaped; 224: ImageNet-shaped, for GPU benchmarks).
 
     :func:`make_synthetic` with the fixed data seed 0, so runs with different seeds see the same
     data. ``augment``: "paper" (pad 4, random crop, flip) or "none". Returns (train, test, info)
@@ -184,10 +197,10 @@ def build_synthetic_loaders(
 
     if augment not in AUGMENTS:
         raise DataError(f"data.augment is {augment!r}; choose one of {list(AUGMENTS)}.")
-    arrays = make_synthetic(synthetic_train, synthetic_test, seed=0)
-    mean = arrays.train_x.astype(np.float32).mean(axis=0)
+    arrays = make_synthetic(synthetic_train, synthetic_test, seed=0, size=size)
+    mean = arrays.train_x.mean(axis=0, dtype=np.float64).astype(np.float32)  # no float copy
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                  mean=torch.from_numpy(mean), device=device)
+                  mean=torch.from_numpy(mean), device=device, channels_last=channels_last)
     train = ImageBatches(torch.from_numpy(arrays.train_x), torch.from_numpy(arrays.train_y),
                          train=True, augment=augment == "paper", **common)
     test = ImageBatches(torch.from_numpy(arrays.test_x), torch.from_numpy(arrays.test_y),
@@ -231,4 +244,6 @@ def build_loaders_for(cfg, *, rank: int, world_size: int, device: str | torch.de
         synthetic_train=cfg.data.synthetic_train,
         synthetic_test=cfg.data.synthetic_test,
         device=device,
+        size=cfg.data.synthetic_size,
+        channels_last=cfg.precision.channels_last,
     )

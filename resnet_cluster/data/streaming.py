@@ -53,7 +53,8 @@ from resnet_cluster.errors import DataError
 AUGMENTS = ("paper", "inception", "none")
 VIEWS = ("train", "1crop", "10crop", "multiscale")
 READ_AHEAD = 2  # shards fetched ahead of the one being decoded, per worker
-DEFAULT_WORKERS = 4  # data.loader_workers: null on JPEG shards
+# ~627 JPEGs/s per core with the paper's augmentation (benchmarks/RESULTS.md, issue 4): one
+# GPU's 2.5-7k img/s (ResNet-50 AMP on an A100 .. ResNet-18 bf16 on an H100) needs 4-11 decoders.
 _AUG_TAG = 7  # stream tag separating per-image augmentation draws from the shuffle streams
 # fork is the Linux default and starts a worker in milliseconds; spawn would re-import torch.
 _FORK = multiprocessing.get_context("fork") if os.name == "posix" else None
@@ -232,7 +233,7 @@ class ShardBatches:
                  mean, eigval=None, eigvec=None,
                  lighting_std: float = 0.1, loader_workers: int = 0, prefetch_batches: int = 2,
                  shuffle_shards: int = 2, verify: bool = True,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", channels_last: bool = False) -> None:
         if augment not in AUGMENTS:
             raise DataError(f"data.augment is {augment!r}; choose one of {list(AUGMENTS)}.")
         if view not in VIEWS:
@@ -254,6 +255,7 @@ class ShardBatches:
         self.train, self.view, self.augment = train, view, augment
         self.loader_workers, self.prefetch_batches = loader_workers, prefetch_batches
         self.device = torch.device(device)
+        self.channels_last = channels_last  # serve x in the model's memory format (NHWC strides)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         m = np.asarray(mean, np.float32)
         m = m.reshape(3, 1, 1) if m.ndim == 1 else m  # per channel, or per pixel [3, H, W]
@@ -301,31 +303,34 @@ class ShardBatches:
                 self.reader, batch_size=None,
                 num_workers=min(self.loader_workers, max(1, len(self))),
                 prefetch_factor=self.prefetch_batches, pin_memory=self._pin,
-                persistent_workers=True, multiprocessing_context=_FORK)
+                # Training keeps its decoders for the run; a test loader's exist only while it
+                # is iterated, so they do not sit idle beside the training decoders all epoch.
+                persistent_workers=self.train, multiprocessing_context=_FORK)
         return iter(self._loader)
 
     def _finish(self, xb: torch.Tensor, shift: torch.Tensor | None,
                 crop: torch.Tensor | None) -> torch.Tensor:
-        nb = self.device.type == "cuda"
-        if self._pin and not xb.is_pinned():
-            xb = xb.pin_memory()
-        xb = xb.to(self.device, non_blocking=nb)  # uint8: a quarter of float32's bytes
-        # NHWC uint8 -> NCHW float in one pass (also [B,10,H,W,3] -> [B,10,3,H,W]); then
-        # normalising in place on a contiguous tensor is about 4x faster than on the permuted
-        # (channels-last) view that .float() would give.
-        *lead, h, w, c = xb.shape
-        x = torch.empty((*lead, c, h, w), dtype=torch.float32, device=self.device)
-        x.copy_(xb.movedim(-1, -3))
+        xb = T.to_device(xb, self.device)  # uint8: a quarter of float32's bytes; pinned
+        if self.channels_last:
+            # The model wants NHWC strides: .float() of the permuted view keeps them, so the
+            # batch is channels_last after one pass (not NCHW and then a second copy).
+            x = xb.movedim(-1, -3).float()
+        else:
+            # NHWC uint8 -> NCHW float in one pass (also [B,10,H,W,3] -> [B,10,3,H,W]); then
+            # normalising in place on a contiguous tensor is about 4x faster on a CPU than on
+            # the permuted (channels-last) view that .float() would give.
+            *lead, h, w, c = xb.shape
+            x = torch.empty((*lead, c, h, w), dtype=torch.float32, device=self.device)
+            x.copy_(xb.movedim(-1, -3))
         x.sub_(self.mean).div_(255.0)  # the mean [3, 1, 1] or [3, H, W] broadcasts
         if shift is not None:
-            x.add_(shift.to(self.device, non_blocking=nb)[:, :, None, None])
+            x.add_(T.to_device(shift, self.device)[:, :, None, None])
         if crop is not None:  # CIFAR: pad with zeros (= the mean), crop, flip; section 4.2
-            crop = crop.to(self.device, non_blocking=nb)
-            x = T.crop_flip(x, crop[:, :2], crop[:, 2].bool())
+            crop = T.to_device(crop, self.device)  # pinned, not waited for
+            x = T.crop_flip(x, crop[:, :2], crop[:, 2].bool(), channels_last=self.channels_last)
         return x
 
     def __iter__(self):
-        nb = self.device.type == "cuda"
         for item in self._raw():
             if isinstance(item, _WorkerDataError):
                 raise DataError(str(item))
@@ -334,8 +339,16 @@ class ShardBatches:
                 x = [self._finish(v, None, None) for v in xb]
             else:
                 x = self._finish(xb, shift, crop)
-            y = y.to(self.device, non_blocking=nb)
+            y = T.to_device(y, self.device)
             yield (x, y, ids) if self.yield_ids else (x, y)
+
+
+def default_decoders(cpus_per_worker: float) -> int:
+    """``data.loader_workers: null`` on JPEG shards: a decoder process for every CPU the worker
+    reserved (``scaling.cpus_per_worker``) but the one its training process runs on; at least 1.
+    The test loader's decoders exist only during evaluation, when the training ones wait, so
+    the two never compete for those CPUs."""
+    return max(1, int(cpus_per_worker) - 1)
 
 
 def build_shard_loaders(cfg, *, rank: int, world_size: int,
@@ -347,12 +360,14 @@ def build_shard_loaders(cfg, *, rank: int, world_size: int,
     pca = manifest.get("pca") or {}
     workers = d.loader_workers
     if workers is None:  # measured: raw CIFAR batches are cheaper in-process than through IPC
-        workers = 0 if manifest.get("image", {}).get("encoding") == "raw" else DEFAULT_WORKERS
+        raw = manifest.get("image", {}).get("encoding") == "raw"
+        workers = 0 if raw else default_decoders(cfg.scaling.cpus_per_worker)
     common = dict(rank=rank, world_size=world_size, seed=cfg.seed, mean=manifest["mean"],
                   eigval=pca.get("eigval"), eigvec=pca.get("eigvec"),
                   lighting_std=d.lighting_std, loader_workers=workers,
                   prefetch_batches=d.prefetch_batches, shuffle_shards=d.shuffle_shards,
-                  verify=d.verify_shards, device=device)
+                  verify=d.verify_shards, device=device,
+                  channels_last=cfg.precision.channels_last)
     train = ShardBatches(Split.from_manifest(root, manifest, dataset.train_split),
                          batch_size=cfg.per_worker_batch, train=True, view="train",
                          augment=d.augment, **common)

@@ -223,19 +223,36 @@ def pad_crop_params(seed: int, epoch: int, ids: np.ndarray, pad: int = CIFAR_PAD
 
 
 def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
-              pad: int = CIFAR_PAD) -> torch.Tensor:
+              pad: int = CIFAR_PAD, *, channels_last: bool = False) -> torch.Tensor:
     """Zero-pad ``x`` [b, c, h, w] by ``pad`` on each side, cut the h x w crop at ``offsets``
     [b, (dy, dx)] and mirror it where ``flip`` [b] is true.
 
     ``x`` is expected mean-subtracted, so zero padding pads with the mean. One gather with
-    per-image row/column index grids, no per-image loop; runs on x's device.
+    per-image row/column index grids, no per-image loop; runs on x's device. The result is
+    contiguous NCHW, or with ``channels_last`` the gathered NHWC tensor itself (no copy).
+    ``offsets`` and ``flip`` on the CPU are copied without blocking the host: from pinned
+    memory when x is on a GPU.
     """
     b, c, h, w = x.shape
-    offsets, flip = offsets.to(x.device), flip.to(x.device)
+    offsets, flip = to_device(offsets, x.device), to_device(flip, x.device)
     padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # [b, h+2p, w+2p, c]
     rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [b, h]
     cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [b, w]
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads columns backwards
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded[batch, rows[:, :, None], cols[:, None, :]]  # [b, h, w, c]
-    return out.permute(0, 3, 1, 2).contiguous()
+    out = out.permute(0, 3, 1, 2)  # NCHW sizes, NHWC strides: already channels_last
+    return out if channels_last else out.contiguous()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without a host sync: a CPU tensor bound for a GPU is staged in pinned
+    memory (PyTorch's caching host allocator keeps the block until the copy has run) and copied
+    with ``non_blocking``; a plain ``.to()`` from pageable memory waits for the copy."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)

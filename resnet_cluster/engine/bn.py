@@ -31,6 +31,67 @@ def dynamic_momentum(batches_seen_this_epoch: int) -> float:
     return 1.0 / (1.0 + batches_seen_this_epoch)
 
 
+class DynamicMomentum:
+    """``bn.policy: dynamic`` with the batch count on the host: no BN layer reads anything back
+    from the device, and a compiled model stays one graph.
+
+    PyTorch's own cumulative average (``momentum=None``) computes ``1/num_batches_tracked`` with
+    a float() of a device tensor in every BN layer's forward: a host sync per layer per step on
+    a GPU, and a torch.compile graph break each (16 graphs for ResNet-20 instead of 1). Here
+    every BN layer has the constant momentum 1 (its running stats become the batch's), and hooks
+    on the whole model, outside any compiled graph, average them in: before the forward the
+    running stats are saved, after it ``running = w * batch + (1 - w) * saved`` with the float
+    ``w = 1/(1+n)``, n counted here. Two multi-tensor ops per forward for all layers together.
+    Each training forward counts as one batch; forwards in eval mode are not counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = bn_layers(model)
+        self.n = 0  # batches seen this epoch, on the host
+        self._scratch: list[torch.Tensor] = []
+        set_bn_momentum(model, 1.0)
+        # torch.compiler.disable: when model.compile() compiles the module's call (hooks
+        # included), these run eagerly beside the graph instead of being traced with n.
+        self._handles = [
+            model.register_forward_pre_hook(torch.compiler.disable(self._save)),
+            model.register_forward_hook(torch.compiler.disable(self._average)),
+        ]
+
+    def _stats(self) -> list[torch.Tensor]:
+        # Read every time: model.to(device) replaces buffer tensors. ``.data``: the same memory
+        # without autograd's version counter, which the update after the forward would bump
+        # while the graph still holds the buffers (a training-mode backward does not read them).
+        return [t.data for m in self.layers for t in (m.running_mean, m.running_var)]
+
+    def _save(self, module: nn.Module, args) -> None:
+        if not module.training:
+            return
+        stats = self._stats()
+        if len(self._scratch) != len(stats) or self._scratch[0].device != stats[0].device:
+            self._scratch = [torch.empty_like(t) for t in stats]
+        torch._foreach_copy_(self._scratch, stats)
+
+    def _average(self, module: nn.Module, args, output) -> None:
+        if not module.training:
+            return
+        w = dynamic_momentum(self.n)
+        if w < 1.0:  # n = 0: the running stats are this batch's, as they should be
+            # lerp_(a, b, t) = a + t * (b - a): w * batch + (1 - w) * saved
+            torch._foreach_lerp_(self._stats(), self._scratch, 1.0 - w)
+        self.n += 1
+
+    def reset(self) -> None:
+        """A new epoch: n = 0 (num_batches_tracked too, which then counts this epoch)."""
+        self.n = 0
+        for m in self.layers:
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.zero_()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 def convert_sync_bn(model: nn.Module) -> nn.Module:
     """Every BatchNorm*d becomes ``nn.SyncBatchNorm`` (statistics over the global batch of all
     DDP ranks); parameters and buffers keep their names, so state dicts stay interchangeable."""

@@ -27,8 +27,9 @@ from resnet_cluster.config import JobConfig, apply_overrides
 from resnet_cluster.engine.bn import precise_bn
 from resnet_cluster.engine.checkpoint import STATE_FILE
 from resnet_cluster.engine.context import WorkerContext
+from resnet_cluster.engine.device import cuda_problem
 from resnet_cluster.engine.loop import _autocast, evaluate
-from resnet_cluster.errors import ConfigError, StoreError
+from resnet_cluster.errors import ConfigError, DeviceError, StoreError
 from resnet_cluster.models.files import check_format
 from resnet_cluster.models.jobs import from_dict
 
@@ -153,6 +154,9 @@ def evaluate_loaded(
 
     cfg = loaded.cfg
     dev = torch.device(device)
+    if dev.type == "cuda" and (problem := cuda_problem(asked=f"--device {device} was asked for",
+                                                       fallback="evaluate with --device cpu")):
+        raise DeviceError(problem)
     ctx = WorkerContext(device=dev)
     model = loaded.model.to(dev)
     if cfg.precision.channels_last:

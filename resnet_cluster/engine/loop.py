@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_cluster.config import JobConfig
-from resnet_cluster.engine.bn import bn_layers, convert_sync_bn, precise_bn, set_bn_momentum
+from resnet_cluster.engine.bn import DynamicMomentum, convert_sync_bn, precise_bn, set_bn_momentum
 from resnet_cluster.engine.checkpoint import capture_rng, restore_rng
 from resnet_cluster.engine.context import WorkerContext
+from resnet_cluster.engine.device import cudnn_benchmark_off, set_determinism
 from resnet_cluster.errors import ConfigError
 from resnet_cluster.optim import LRSchedule, build_optimizer, scaled_lr
 
@@ -50,19 +51,9 @@ def build_model(cfg: JobConfig) -> nn.Module:
     from resnet_cluster import models
 
     model = models.build(cfg.model.arch, **model_options(cfg))
-    # bn.policy dynamic is PyTorch's cumulative average (momentum None: 1/num_batches_tracked
-    # after the increment, i.e. 1/(1+n) with n batches seen before), with num_batches_tracked
-    # reset at every epoch start by fit. A buffer rather than a changing float attribute, so
-    # torch.compile does not recompile at every step.
-    set_bn_momentum(model, None if cfg.bn.policy == "dynamic" else cfg.bn.momentum)
+    # bn.policy dynamic: fit attaches engine.bn.DynamicMomentum (1/(1+n), n on the host).
+    set_bn_momentum(model, cfg.bn.momentum)
     return model
-
-
-def reset_bn_epoch(model: nn.Module) -> None:
-    """Start a new epoch of the dynamic policy: n = 0 batches seen."""
-    for m in bn_layers(model):
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.zero_()
 
 
 def _autocast(cfg: JobConfig, device: torch.device):
@@ -209,9 +200,10 @@ def view_scores(
         if not x:
             raise ValueError("a multi-scale test batch needs at least one scale")
         total = None
-        for xs in x:
-            s = _forward(model, xs, autocast, channels_last)
-            total = s if total is None else total + s
+        with cudnn_benchmark_off():  # a new shape every call: autotuning would never pay back
+            for xs in x:
+                s = _forward(model, xs, autocast, channels_last)
+                total = s if total is None else total + s
         return total / len(x), False
     if x.dim() == 5:
         b, v = x.shape[:2]
@@ -280,6 +272,7 @@ def fit(
     from resnet_cluster.data.loaders import build_loaders_for
 
     ctx = ctx or WorkerContext()
+    set_determinism(cfg.precision.deterministic)
     # The same seed on every rank gives the same initial weights (DDP also broadcasts them).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
@@ -288,6 +281,7 @@ def fit(
     model = model.to(ctx.device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    dynamic_bn = DynamicMomentum(model) if cfg.bn.policy == "dynamic" else None
     optimizer = build_optimizer(cfg.optim, model, lr=scaled_lr(cfg))
     train_batches, test_batches, data_info = build_loaders_for(cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     iters_per_epoch = len(train_batches)
@@ -350,8 +344,8 @@ def fit(
 
     for epoch in range(start_epoch, total_epochs):
         train_batches.set_epoch(epoch)
-        if cfg.bn.policy == "dynamic":
-            reset_bn_epoch(model)
+        if dynamic_bn is not None:
+            dynamic_bn.reset()
         t0 = time.time()
         metrics = train_one_epoch(
             net,

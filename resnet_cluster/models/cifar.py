@@ -21,7 +21,7 @@ from resnet_cluster import datasets
 from resnet_cluster.errors import ConfigError
 from resnet_cluster.models.init import init_weights, zero_init_last_bn
 from resnet_cluster.models.registry import register
-from resnet_cluster.models.stages import make_stage, resolve, response_modules
+from resnet_cluster.models.stages import GlobalAvgPool, make_stage, resolve, response_modules
 
 STAGE_WIDTHS = (16, 32, 64)  # filters per stage, Section 4.2 (bottleneck filters for 9n+2)
 
@@ -79,7 +79,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.post_bn = nn.BatchNorm2d(in_planes) if opts.preact else None
 
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(in_planes, opts.num_classes)
 
         init_weights(self)

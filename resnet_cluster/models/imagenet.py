@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from resnet_cluster import datasets
 from resnet_cluster.models.init import init_weights, zero_init_last_bn
 from resnet_cluster.models.registry import register
-from resnet_cluster.models.stages import make_stage, resolve, response_modules
+from resnet_cluster.models.stages import GlobalAvgPool, make_stage, resolve, response_modules
 
 STAGE_WIDTHS = (64, 128, 256, 512)  # conv2_x .. conv5_x filters (bottleneck: inner width)
 
@@ -87,7 +87,7 @@ class ImageNetResNet(nn.Module):
             stages.append(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.post_bn = nn.BatchNorm2d(in_planes) if opts.preact else None
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(in_planes, opts.num_classes)
 
         init_weights(self)

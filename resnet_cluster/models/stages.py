@@ -24,6 +24,19 @@ from resnet_cluster.models.blocks import (
 from resnet_cluster.models.registry import check_choice
 
 
+class GlobalAvgPool(nn.Module):
+    """The global average pool before the classifier, [N, C, H, W] -> [N, C, 1, 1], any H, W.
+
+    What ``nn.AdaptiveAvgPool2d(1)`` computes, as a mean: its backward is an expand, so it is
+    deterministic on CUDA, where AdaptiveAvgPool2d's backward raises under
+    ``torch.use_deterministic_algorithms(True)`` (``precision.deterministic``; PyTorch's
+    documented list of such ops). No parameters or buffers, so state dicts are unchanged.
+    """
+
+    def forward(self, x):
+        return x.mean((-2, -1), keepdim=True)
+
+
 @dataclass(frozen=True)
 class Options:
     """The resolved ``model.*`` options of one net (``None`` replaced by the net's default)."""

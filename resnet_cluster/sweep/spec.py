@@ -327,13 +327,6 @@ def load_sweep(
             _absolute_paths(job)
             where = f"{source}, row {row.label!r}" + (" (with --set overrides)" if overrides else "")
             cfg = from_dict(job, source=where)
-            if cfg.scaling.use_gpu and cfg.scaling.workers > 1 and cfg.scaling.gpus_per_worker < 1:
-                raise ConfigError(
-                    f"{where}: trial_resources gpu {cfg.scaling.gpus_per_worker:g} with "
-                    f"{cfg.scaling.workers} workers per trial: DDP ranks need whole GPUs (NCCL "
-                    "refuses two ranks on one GPU). Use scaling.workers: 1 for fractional-GPU "
-                    "trials, or gpu: 1."
-                )
             stores.add(cfg.artifacts.store)
             run_id = f"{sweep_id}-{row.index + 1:02d}-s{k}"
             trials.append(Trial(run_id, row.index, row.label, cfg.seed, cfg.to_dict()))
