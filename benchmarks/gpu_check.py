@@ -99,11 +99,11 @@ def bare_loop(job_path: Path, s: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from resnet_cluster import config
+    from resnet_cluster.models import jobs
     from resnet_cluster.engine.loop import build_model
     from resnet_cluster.optim import build_optimizer
 
-    cfg = config.load(job_path)
+    cfg = jobs.load(job_path)
     dev = torch.device(s["device"])
     torch.set_num_threads(s["cpus"])
     torch.manual_seed(0)

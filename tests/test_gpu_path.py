@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from resnet_cluster import config
+from resnet_cluster.models import jobs
 from resnet_cluster.errors import ConfigError
 from resnet_cluster.launch.trainer import scaling_plan
 
@@ -38,15 +39,15 @@ CLI = str(Path(sys.executable).parent / "resnet-cluster")
 )
 def test_gpu_shares_that_cannot_work_are_refused(sets, words):
     with pytest.raises(ConfigError) as e:
-        config.load(SMOKE, ["scaling.use_gpu=true", *sets])
+        jobs.load(SMOKE, ["scaling.use_gpu=true", *sets])
     for w in words:
         assert w in str(e.value), str(e.value)
 
 
 def test_a_fraction_of_a_gpu_works_for_one_worker_and_cpu_jobs_ignore_the_share():
-    one = config.load(SMOKE, ["scaling.use_gpu=true", "scaling.workers=1", "scaling.gpus_per_worker=0.25"])
+    one = jobs.load(SMOKE, ["scaling.use_gpu=true", "scaling.workers=1", "scaling.gpus_per_worker=0.25"])
     assert scaling_plan(one)["resources_per_worker"]["GPU"] == 0.25
-    cpu = config.load(SMOKE, ["scaling.gpus_per_worker=0.5"])  # use_gpu false: not asked of Ray
+    cpu = jobs.load(SMOKE, ["scaling.gpus_per_worker=0.5"])  # use_gpu false: not asked of Ray
     assert "GPU" not in scaling_plan(cpu)["resources_per_worker"]
     assert config.gpu_share_problem(2, True, 1.0) is None
     assert config.gpu_share_problem(1, True, 0.5) is None
@@ -146,7 +147,7 @@ def test_global_pool_is_adaptive_avg_pool_and_a_deterministic_net_trains(restore
     # two runs agree bit for bit
     from resnet_cluster.engine import fit
 
-    cfg = config.load(SMOKE, ["precision.deterministic=true", "scaling.workers=1", "train.iterations=3",
+    cfg = jobs.load(SMOKE, ["precision.deterministic=true", "scaling.workers=1", "train.iterations=3",
                               "data.synthetic_train=64", "data.synthetic_test=32", "train.batch_size=16",
                               "bn.policy=dynamic"])
     a, b = fit(cfg), fit(cfg)
@@ -365,7 +366,7 @@ def test_cifar_shard_batches_with_crops_come_channels_last(tmp_path):
     prepare_cifar10(str(archive), str(tmp_path / "dest"), shard_images=16)
 
     def cfg(cl: bool):
-        return config.from_dict({"data": {"dataset": "cifar10", "root": str(tmp_path / "dest")},
+        return jobs.from_dict({"data": {"dataset": "cifar10", "root": str(tmp_path / "dest")},
                                  "train": {"batch_size": 8, "iterations": 2}, "scaling": {"workers": 1},
                                  "precision": {"channels_last": cl}})
 
@@ -388,7 +389,7 @@ def test_test_decoders_exist_only_while_evaluating(inet):
 
     from resnet_cluster.data.loaders import build_loaders_for
 
-    cfg = config.from_dict({"data": {"dataset": "imagenet", "root": inet, "augment": "none"},
+    cfg = jobs.from_dict({"data": {"dataset": "imagenet", "root": inet, "augment": "none"},
                             "train": {"batch_size": 2, "iterations": 2},
                             "scaling": {"workers": 1, "cpus_per_worker": 3}})
     train, test, _ = build_loaders_for(cfg, rank=0, world_size=1)
@@ -417,14 +418,14 @@ def test_synthetic_data_can_be_imagenet_shaped():
     big = make_synthetic(20, 4, seed=0, size=224)
     assert big.train_x.shape == (20, 3, 224, 224) and big.train_x.dtype.name == "uint8"
     assert (big.train_y == small.train_y).all()  # the same labels; only the images grow
-    cfg = config.load(SMOKE, ["data.synthetic_size=224", "data.synthetic_train=16", "data.synthetic_test=4",
+    cfg = jobs.load(SMOKE, ["data.synthetic_size=224", "data.synthetic_train=16", "data.synthetic_test=4",
                               "train.batch_size=8", "scaling.workers=1", "precision.channels_last=true"])
     train, test, _ = build_loaders_for(cfg, rank=0, world_size=1)
     train.set_epoch(0)
     x, y = next(iter(train))
     assert x.shape == (8, 3, 224, 224) and x.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ConfigError, match="synthetic_size"):
-        config.load(SMOKE, ["data.synthetic_size=8"])
+        jobs.load(SMOKE, ["data.synthetic_size=8"])
 
 
 # ---- benchmarks/gpu_check.py: its jobs and refusals (the whole script: --cpu, see RESULTS.md) ---
@@ -437,14 +438,14 @@ def test_gpu_check_jobs_validate_and_its_two_rank_job_is_refused(tmp_path, cpu):
 
     s = gpu_check.settings(cpu)
     job = gpu_check.job(s, tmp_path / "store")
-    cfg = config.from_dict(job)
+    cfg = jobs.from_dict(job)
     assert cfg.scaling.use_gpu is (not cpu) and cfg.precision.amp == "bf16" and cfg.precision.channels_last
     assert cfg.data.synthetic_size == (64 if cpu else 224) and cfg.model.arch == "resnet50"
     assert cfg.train.batch_size == (8 if cpu else 256)
     two = config.apply_overrides(job, ["scaling.use_gpu=true", "scaling.workers=2", "scaling.gpus_per_worker=0.5",
                                        f"train.batch_size={2 * s['batch']}"])
     with pytest.raises(ConfigError, match="DDP ranks need whole GPUs"):
-        config.from_dict(two)
+        jobs.from_dict(two)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path of this machine")
@@ -452,6 +453,6 @@ def test_eval_on_a_device_without_cuda_is_one_message(tmp_path):
     from resnet_cluster.engine.evaluation import Loaded, evaluate_loaded
     from resnet_cluster.engine.loop import build_model
 
-    cfg = config.load(SMOKE, ["scaling.workers=1"])
+    cfg = jobs.load(SMOKE, ["scaling.workers=1"])
     with pytest.raises(DeviceError, match="--device cuda was asked for"):
         evaluate_loaded(Loaded(build_model(cfg), cfg, "x", "model.pt", None), device="cuda")
