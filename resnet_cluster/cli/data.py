@@ -47,26 +47,33 @@ def prepare_cifar10(
 
 @prepare_app.command("imagenet")
 def prepare_imagenet(
-    train: str = typer.Option(..., help="The ILSVRC2012 train/ folder: train/<wnid>/*.JPEG."),
-    val: str = typer.Option(..., help="The val/ folder: flat, or sorted into <wnid>/ folders."),
+    train: str = typer.Option(..., help="ILSVRC2012_img_train.tar as downloaded (a local path or fsspec URI such as s3://bucket/ILSVRC2012_img_train.tar), or the extracted train/ folder: train/<wnid>/*.JPEG."),
+    val: str = typer.Option(..., help="ILSVRC2012_img_val.tar (path or URI), or the extracted val/ folder: flat, or sorted into <wnid>/ folders."),
     dest: str = typer.Option(..., help="Where jobs read it (data.root): a folder or fsspec URI such as s3://bucket/imagenet."),
+    devkit: Optional[str] = typer.Option(
+        None, help="ILSVRC2012_devkit_t12.tar.gz (path or URI): the labels of a flat val and the synset order, from data/meta.mat and the val ground truth."
+    ),
     val_labels: Optional[str] = typer.Option(
-        None, help="Labels of a flat val/: LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt (with --synsets). Default: LOC_val_solution.csv next to val/ if there."
+        None, help="Labels of a flat val/ without --devkit: LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt (with --synsets). Default: LOC_val_solution.csv next to val/ if there."
     ),
     synsets: Optional[str] = typer.Option(None, help="With the ground-truth .txt: the wnid of ILSVRC2012_ID 1, 2, ... one per line."),
     max_side: int = typer.Option(480, help="Re-encode images whose shorter side is larger to this many pixels (480: the top of the paper's scale range)."),
     quality: int = typer.Option(90, help="JPEG quality of re-encoded images."),
     shard_images: int = typer.Option(512, help="Images per shard (the unit a reader fetches in one request)."),
-    workers: int = typer.Option(1, help="Processes encoding shards in parallel."),
+    workers: int = typer.Option(1, help="Processes encoding shards in parallel (on this machine; with --address the cluster's CPUs are used)."),
+    stats_sample: Optional[int] = typer.Option(
+        None, help="Compute the mean and PCA from this many training images (a fixed, seeded sample) instead of all; the others are only checked with a cheap 1/8-scale decode."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a progress bar and table."),
 ) -> None:
-    """Write ILSVRC2012-layout folders as Parquet shards plus manifest.json (resumable: re-run the same command)."""
+    """Write ImageNet (the official tars + devkit, or extracted folders) as Parquet shards plus manifest.json (resumable: re-run the same command)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from resnet_cluster.data.imagenet import prepare_imagenet as prepare
 
-    kwargs = dict(val_labels=val_labels, synsets=synsets, max_side=max_side, quality=quality,
-                  shard_images=shard_images, workers=workers)
+    kwargs = dict(val_labels=val_labels, synsets=synsets, devkit=devkit, max_side=max_side,
+                  quality=quality, shard_images=shard_images, workers=workers,
+                  stats_sample=stats_sample)
     if json_out:
         print_json(prepare(train, val, dest, **kwargs))
         return

@@ -1,0 +1,190 @@
+"""ImageNet from the official archives: nested train tars, the flat val tar and the devkit
+(meta.mat written with scipy.io.savemat in the official structure), read in place, locally and
+from S3. The shards must be byte for byte those of the extracted folders."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from typer.testing import CliRunner
+
+from resnet_cluster.cli import app
+from resnet_cluster.data.archives import index_class_tars, read_devkit
+from resnet_cluster.data.imagenet import prepare_imagenet
+from resnet_cluster.data.shards import read_manifest
+from resnet_cluster.errors import DataError
+from test_imagenet import N_VAL, PER_CLASS, WNIDS, make_layout
+
+SHARD = 5
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _tar_bytes(files: list[tuple[str, bytes]], fmt=tarfile.GNU_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for name, data in files:
+            _add(tf, name, data)
+    return buf.getvalue()
+
+
+def write_meta_mat(path: Path, leaves: list[str]) -> None:
+    """data/meta.mat as in the devkit: a synsets struct array [N x 1] whose leaves (the classes,
+    num_children 0) carry ILSVRC2012_IDs 1..K in ``leaves`` order, then inner synsets."""
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    rows = [(k + 1, w, f"words of {w}", f"gloss of {w}", 0, np.zeros((1, 0)), 0, PER_CLASS)
+            for k, w in enumerate(leaves)]
+    k = len(leaves)
+    rows += [(k + 1, "n00000001", "entity", "that which exists", 2, np.array([[1, 2]]), 3, 0),
+             (k + 2, "n00000002", "organism", "a living thing", 2, np.array([[3, 4]]), 2, 0)]
+    synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
+    for i, row in enumerate(rows):
+        synsets[i, 0] = row
+    scipy.io.savemat(path, {"synsets": synsets})
+
+
+def make_archives(root: Path, layout: dict, *, dest: Path) -> dict:
+    """ILSVRC2012_img_train.tar, _img_val.tar and _devkit_t12.tar.gz from a ``txt`` layout,
+    with members in an unsorted order (the reader sorts, as the folder scan does), a folder
+    entry and a non-image file in a class tar (left out, as in folders)."""
+    dest.mkdir(parents=True)
+    train = Path(layout["train"])
+    classes = []
+    for wnid in reversed(WNIDS):
+        files = [(p.name, p.read_bytes()) for p in sorted((train / wnid).iterdir(), reverse=True)]
+        files.append(("notes.txt", b"not an image"))
+        classes.append((f"{wnid}.tar", _tar_bytes(files)))
+    (dest / "ILSVRC2012_img_train.tar").write_bytes(_tar_bytes(classes))
+    val = sorted(Path(layout["val"]).iterdir(), reverse=True)
+    (dest / "ILSVRC2012_img_val.tar").write_bytes(
+        _tar_bytes([(p.name, p.read_bytes()) for p in val], fmt=tarfile.PAX_FORMAT))
+    synsets = [line.split()[0] for line in Path(layout["synsets"]).read_text().splitlines()]
+    write_meta_mat(root / "meta.mat", synsets)
+    with tarfile.open(dest / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
+        tf.add(root / "meta.mat", "ILSVRC2012_devkit_t12/data/meta.mat")
+        tf.add(layout["val_labels"], "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+        _add(tf, "ILSVRC2012_devkit_t12/COPYING", b"licence")
+    return {k: str(dest / f"ILSVRC2012_{n}") for k, n in
+            (("train", "img_train.tar"), ("val", "img_val.tar"), ("devkit", "devkit_t12.tar.gz"))}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archives")
+    layout = make_layout(root / "src", "txt")
+    tars = make_archives(root, layout, dest=root / "download")
+    folder = str(root / "from-folders")
+    prepare_imagenet(layout["train"], layout["val"], folder, val_labels=layout["val_labels"],
+                     synsets=layout["synsets"], shard_images=SHARD, max_side=100)
+    return layout, tars, folder
+
+
+def _same_dataset(a: str, b: str) -> None:
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert ma["splits"] == mb["splits"]  # every shard's path, rows, bytes and sha256
+    for key in ("classes", "skipped", "mean", "std", "pca", "plan"):
+        assert ma[key] == mb[key], key
+
+
+def test_devkit_meta_mat_gives_leaf_ids_and_val_truth(sources):
+    layout, tars, _ = sources
+    kit = read_devkit(tars["devkit"])
+    order = [line.split()[0] for line in Path(layout["synsets"]).read_text().splitlines()]
+    assert kit.wnid_of_id == {k + 1: w for k, w in enumerate(order)}  # inner synsets left out
+    assert kit.words[order[0]] == f"words of {order[0]}"
+    assert kit.val_ids == [int(x) for x in Path(layout["val_labels"]).read_text().split()]
+    by_class = index_class_tars(tars["train"])
+    assert list(by_class) == WNIDS
+    blob = Path(tars["train"]).read_bytes()
+    for wnid, members in by_class.items():  # offsets point at the images' own bytes
+        assert [m.name for m in members] == sorted(m.name for m in members)
+        for m in members:
+            if m.name.endswith(".JPEG") and "bad" not in m.name:
+                src = Path(layout["train"]) / wnid / m.name
+                assert blob[m.offset:m.offset + m.size] == src.read_bytes()
+
+
+def test_tars_prepare_identical_to_extracted_folders(sources, tmp_path):
+    layout, tars, folder = sources
+    dest = str(tmp_path / "from-tars")
+    summary = prepare_imagenet(tars["train"], tars["val"], dest, devkit=tars["devkit"],
+                               shard_images=SHARD, max_side=100)
+    assert summary["train_images"] == len(WNIDS) * PER_CLASS and summary["val_images"] == N_VAL
+    # the corrupt JPEG inside n01443537.tar is skipped and listed under the folder's name
+    assert [s["path"] for s in summary["skipped"]] == [f"train/{WNIDS[1]}/{WNIDS[1]}_bad.JPEG"]
+    _same_dataset(folder, dest)
+    for s in read_manifest(dest)["splits"]["train"]["shards"]:
+        blob = (Path(dest) / s["path"]).read_bytes()
+        assert blob == (Path(folder) / s["path"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == s["sha256"]
+    assert read_manifest(dest)["source"]["devkit"] == tars["devkit"]
+    # the devkit also labels an extracted flat val/ folder
+    mixed = str(tmp_path / "mixed")
+    prepare_imagenet(layout["train"], layout["val"], mixed, devkit=tars["devkit"],
+                     shard_images=SHARD, max_side=100)
+    _same_dataset(folder, mixed)
+
+
+def test_cli_prepares_from_s3_archives(sources, s3_endpoint, tmp_path):
+    """The archives on a real S3 endpoint (moto), read with header and ranged GETs."""
+    import s3fs
+
+    _, tars, folder = sources
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("downloads")
+    uris = {}
+    for key, path in tars.items():
+        uris[key] = f"s3://downloads/imagenet/{Path(path).name}"
+        fs.put_file(path, uris[key])
+    args = ["data", "prepare", "imagenet", "--train", uris["train"], "--val", uris["val"],
+            "--devkit", uris["devkit"], "--dest", str(tmp_path / "d"), "--shard-images",
+            str(SHARD), "--max-side", "100", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["train_images"] == len(WNIDS) * PER_CLASS and len(doc["skipped"]) == 1
+    _same_dataset(folder, str(tmp_path / "d"))
+
+
+def test_damaged_archives_are_named(sources, tmp_path):
+    layout, tars, _ = sources
+    dest = str(tmp_path / "d")
+    blob = Path(tars["train"]).read_bytes()
+    # a class tar whose bytes are not a tar
+    bad = tmp_path / "bad_class.tar"
+    inner = _tar_bytes([(f"{w}.tar", b"garbage " * 300 if w == WNIDS[2] else
+                         _tar_bytes([(f"{w}_0.JPEG", b"x")])) for w in WNIDS])
+    bad.write_bytes(inner)
+    with pytest.raises(DataError, match=f"{WNIDS[2]}.tar is not a readable tar"):
+        prepare_imagenet(str(bad), tars["val"], dest, devkit=tars["devkit"])
+    # the download cut short
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(DataError, match="truncated|damaged|not a readable tar"):
+        prepare_imagenet(str(cut), tars["val"], dest, devkit=tars["devkit"])
+    # a devkit without the ground truth; a devkit with val labels given twice
+    kit = tmp_path / "kit.tar.gz"
+    with tarfile.open(kit, "w:gz") as tf:
+        _add(tf, "ILSVRC2012_devkit_t12/data/meta.mat", b"")
+    with pytest.raises(DataError, match="ILSVRC2012_validation_ground_truth.txt"):
+        prepare_imagenet(tars["train"], tars["val"], dest, devkit=str(kit))
+    with pytest.raises(DataError, match="leave out"):
+        prepare_imagenet(tars["train"], tars["val"], dest, devkit=tars["devkit"],
+                         val_labels=layout["val_labels"])
+    # a flat val tar needs labels; the CLI says so with exit code 2 and no traceback
+    r = CliRunner().invoke(app, ["data", "prepare", "imagenet", "--train", tars["train"], "--val",
+                                 tars["val"], "--dest", dest])
+    assert isinstance(r.exception, DataError) and "--devkit" in str(r.exception)
+    assert not Path(dest).exists()  # nothing written by any refused run
