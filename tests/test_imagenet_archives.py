@@ -188,3 +188,92 @@ def test_damaged_archives_are_named(sources, tmp_path):
                                  tars["val"], "--dest", dest])
     assert isinstance(r.exception, DataError) and "--devkit" in str(r.exception)
     assert not Path(dest).exists()  # nothing written by any refused run
+
+
+# --------------------------------------------------------------------------------------------
+# Spread over a two-node Ray cluster, S3 source and destination
+
+DRIVER = """
+import json, sys
+from resnet_cluster.launch.prepare import prepare_on_cluster
+events = []
+summary = prepare_on_cluster(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
+                             devkit=sys.argv[5], shard_images=5, max_side=100,
+                             progress=events.append)
+print(json.dumps({"summary": summary, "events": events}))
+"""
+
+
+@pytest.mark.ray
+def test_ray_tasks_on_two_nodes_from_and_to_s3(sources, s3_endpoint, tmp_path):
+    """Shard writers as Ray tasks on two `ray start` nodes: identical shards, both nodes used,
+    progress to the driver, resume, a refused --dest; and the Jobs API form of --address."""
+    import subprocess
+    import sys
+
+    import s3fs
+
+    from raynodes import RayNode, base_env, start_head, wait_for_nodes
+
+    _, tars, folder = sources
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("downloads")
+    fs.mkdir("out")
+    uris = {}
+    for key, path in tars.items():
+        uris[key] = f"s3://downloads/{Path(path).name}"
+        fs.put_file(path, uris[key])
+    # the nodes inherit the moto endpoint and its dummy credentials from this environment
+    head = start_head(tmp_path, num_cpus=1, resources={"node_a": 1})
+    second = None
+    try:
+        second = RayNode(head_gcs=head.gcs, num_cpus=1, resources={"node_b": 1},
+                         log=tmp_path / "b.log")
+        wait_for_nodes(head, 2)
+        env = base_env()
+
+        def drive(dest: str) -> dict:
+            out = subprocess.run([sys.executable, "-c", DRIVER, head.gcs, uris["train"],
+                                  uris["val"], dest, uris["devkit"]],
+                                 env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr[-3000:]
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        dest = "s3://out/imagenet"
+        run = drive(dest)
+        summary, events = run["summary"], run["events"]
+        assert summary["nodes"] == 2 and summary["reused_shards"] == 0
+        assert [s["path"] for s in summary["skipped"]] == [f"train/{WNIDS[1]}/{WNIDS[1]}_bad.JPEG"]
+        _same_dataset(folder, dest)
+        done = [e["images_done"] for e in events]
+        assert done == sorted(done) and done[-1] == events[-1]["images_total"] == 33  # 25 train (1 bad) + 8 val
+        assert [e["shards_done"] for e in events][-1] == summary["shards"] == 7
+
+        # resume: a run killed before its manifest, with two shards not yet written
+        fs.rm(["out/imagenet/manifest.json", "out/imagenet/train/00001.parquet",
+               "out/imagenet/val/00000.parquet"])
+        again = drive(dest)["summary"]
+        assert again["reused_shards"] == 5 and again["shards"] == 7
+        _same_dataset(folder, dest)
+
+        # the CLI: other options into the same --dest are refused (exit code 2, no traceback)
+        cli = str(Path(sys.executable).parent / "resnet-cluster")
+        base = ["data", "prepare", "imagenet", "--train", uris["train"], "--val", uris["val"],
+                "--devkit", uris["devkit"]]
+        r = subprocess.run([cli, *base, "--dest", dest, "--shard-images", "3", "--address",
+                            head.gcs], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "already holds a prepared" in r.stdout + r.stderr
+        assert "Traceback" not in r.stdout + r.stderr
+
+        # http://HEAD:DASHBOARD: the command itself runs as a Ray job on the cluster
+        r = subprocess.run([cli, *base, "--dest", "s3://out/viajobs", "--shard-images", "5",
+                            "--max-side", "100", "--address", head.dashboard, "--json"],
+                           env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        doc = json.loads(r.stdout)
+        assert doc["ray_job"].startswith("resnet-cluster-prepare-") and doc["nodes"] == 2
+        _same_dataset(folder, "s3://out/viajobs")
+    finally:
+        if second is not None:
+            second.kill()
+        head.kill()

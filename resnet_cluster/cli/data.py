@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, print_json
+from resnet_cluster.cli.common import console, err_console, print_json
 
 app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
 prepare_app = typer.Typer(help="Download and convert a dataset.", no_args_is_help=True)
@@ -64,16 +64,42 @@ def prepare_imagenet(
     stats_sample: Optional[int] = typer.Option(
         None, help="Compute the mean and PCA from this many training images (a fixed, seeded sample) instead of all; the others are only checked with a cheap 1/8-scale decode."
     ),
+    address: Optional[str] = typer.Option(
+        None, help="Write the shards as Ray tasks across this cluster: its GCS address HOST:PORT (as `ray start --head` prints), or a Jobs API URL http://HEAD:8265 (the whole command then runs on the cluster as a Ray job). Inputs and --dest must be reachable from every node (s3://...)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a progress bar and table."),
 ) -> None:
     """Write ImageNet (the official tars + devkit, or extracted folders) as Parquet shards plus manifest.json (resumable: re-run the same command)."""
+    import functools
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from resnet_cluster.data.imagenet import prepare_imagenet as prepare
+    from resnet_cluster.launch import remote
 
     kwargs = dict(val_labels=val_labels, synsets=synsets, devkit=devkit, max_side=max_side,
                   quality=quality, shard_images=shard_images, workers=workers,
                   stats_sample=stats_sample)
+    if address and remote.is_jobs_address(address):
+        from resnet_cluster.launch.prepare import submit_prepare
+
+        args = ["--train", train, "--val", val, "--dest", dest]
+        for flag, value in (("--devkit", devkit), ("--val-labels", val_labels), ("--synsets", synsets),
+                            ("--max-side", max_side), ("--quality", quality),
+                            ("--shard-images", shard_images), ("--stats-sample", stats_sample)):
+            if value is not None:
+                args += [flag, str(value)]
+        summary = submit_prepare(address, args, lambda line: err_console.print(line, markup=False, highlight=False))
+        if json_out:
+            print_json(summary)
+        else:
+            _imagenet_table(summary)
+        return
+    if address:
+        from resnet_cluster.launch.prepare import prepare_on_cluster
+
+        prepare = functools.partial(prepare_on_cluster, address)
+    else:
+        from resnet_cluster.data.imagenet import prepare_imagenet as prepare
     if json_out:
         print_json(prepare(train, val, dest, **kwargs))
         return
@@ -87,6 +113,10 @@ def prepare_imagenet(
                        shards=f"{ev['shards_done']}/{ev['shards_total']} ({ev['reused']} reused)")
 
         summary = prepare(train, val, dest, progress=progress, **kwargs)
+    _imagenet_table(summary)
+
+
+def _imagenet_table(summary: dict) -> None:
     table = Table(title=f"ImageNet prepared at {summary['dest']}", show_header=False)
     if summary.get("already_prepared"):
         table.title += " (already complete; nothing written)"
@@ -96,6 +126,8 @@ def prepare_imagenet(
     table.add_row("shards", f"{summary['shards']} ({summary.get('reused_shards', 0)} reused)")
     table.add_row("bytes", f"{summary['bytes']:,}")
     table.add_row("skipped files", str(len(summary["skipped"])))
+    if summary.get("nodes"):
+        table.add_row("Ray nodes that wrote shards", str(summary["nodes"]))
     console.print(table)
     for s in summary["skipped"][:20]:
         console.print(f"  skipped {s['path']}: {s['error']}", markup=False)

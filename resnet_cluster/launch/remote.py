@@ -22,7 +22,9 @@ from typing import Any
 
 from resnet_cluster.errors import ClusterError, ConfigError
 
-EXCLUDES = [".git", ".venv", "**/__pycache__", "runs-store", "data", "*.pt", "*.tar.gz", "*.parquet"]
+# Gitignore patterns (Ray matches them with pathspec's gitwildmatch): "/data" is the top-level
+# dataset folder only; a bare "data" would also drop the resnet_cluster/data package.
+EXCLUDES = [".git", ".venv", "**/__pycache__", "runs-store", "/data", "*.pt", "*.tar.gz", "*.parquet"]
 STOP_WAIT_S = 120  # time the driver gets to abort Ray Train and write the `stopped` event
 AGENT_RETRY_S = 60  # a fresh cluster answers 500 "No available agent" for a few seconds
 
@@ -99,30 +101,39 @@ def submit_remote(
             f"job file {job_path} is outside the project folder {root}, which is what ships to the "
             "cluster as the job's working_dir. Move or copy the job file into the project."
         ) from None
+    ep = entrypoint(str(rel), run_id=run_id, overrides=overrides, workers=workers)
+    job_id = submit_entrypoint(
+        address,
+        ep,
+        # unique per submission: re-submitting a run (to resume it) is a new Ray job
+        submission_id=f"resnet-cluster-{run_id}-{secrets.token_hex(3)}",
+        metadata={"run_id": run_id, "job_file": str(rel)},
+        cwd=root,
+    )
+    return {"job_id": job_id, "run_id": run_id, "dashboard": address.rstrip("/"), "entrypoint": ep}
+
+
+def submit_entrypoint(
+    address: str, ep: str, *, submission_id: str, metadata: dict[str, str], cwd: str | os.PathLike = "."
+) -> str:
+    """Submit the shell command ``ep`` as a Ray job with the project as its working_dir; retries
+    a fresh cluster's "No available agent" for AGENT_RETRY_S. Returns the job id."""
+    root = project_root(cwd)
     c = client(address)
     env_vars = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
     for name in ("RESNET_CLUSTER_STORE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
         if os.environ.get(name):  # settings, never credentials: those come from the nodes
             env_vars[name] = os.environ[name]
     runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
-    ep = entrypoint(str(rel), run_id=run_id, overrides=overrides, workers=workers)
     deadline = time.time() + AGENT_RETRY_S
     while True:
         try:
-            job_id = c.submit_job(
-                entrypoint=ep,
-                runtime_env=runtime_env,
-                # unique per submission: re-submitting a run (to resume it) is a new Ray job
-                submission_id=f"resnet-cluster-{run_id}-{secrets.token_hex(3)}",
-                metadata={"run_id": run_id, "job_file": str(rel)},
-            )
-            break
+            return c.submit_job(entrypoint=ep, runtime_env=runtime_env, submission_id=submission_id, metadata=metadata)
         except Exception as e:
             if "No available agent" in str(e) and time.time() < deadline:
                 time.sleep(2)
                 continue
             raise ClusterError(_describe(address, e)) from None
-    return {"job_id": job_id, "run_id": run_id, "dashboard": address.rstrip("/"), "entrypoint": ep}
 
 
 def job_status(address: str, job_id: str) -> dict[str, Any]:
