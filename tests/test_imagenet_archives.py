@@ -277,3 +277,57 @@ def test_ray_tasks_on_two_nodes_from_and_to_s3(sources, s3_endpoint, tmp_path):
         if second is not None:
             second.kill()
         head.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# --stats-sample
+
+
+def test_stats_sample_is_a_fixed_sample_and_leaves_the_images_alone(sources, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from resnet_cluster.data.imagenet import encode_image, plan_shards, scan_sources
+
+    _, tars, folder = sources
+    dest = str(tmp_path / "sampled")
+    summary = prepare_imagenet(tars["train"], tars["val"], dest, devkit=tars["devkit"],
+                               shard_images=SHARD, max_side=100, stats_sample=7)
+    m, full = read_manifest(dest), read_manifest(folder)
+    assert m["stats_sample"] == 7 and summary["skipped"] == full["skipped"]
+    # the same images, labels and order in every shard; only the statistics differ
+    for a, b in zip(m["splits"]["train"]["shards"], full["splits"]["train"]["shards"]):
+        ta, tb = pq.read_table(Path(dest) / a["path"]), pq.read_table(Path(folder) / b["path"])
+        assert ta.drop(["image"]).equals(tb.drop(["image"])) and ta["image"].equals(tb["image"])
+    assert m["mean"] != full["mean"]
+    # the mean is exactly that of the 7 sampled training images, chosen by a fixed seed
+    src = scan_sources(tars["train"], tars["val"], devkit=tars["devkit"])
+    plans = [plan_shards(dest, src, max_side=100, quality=90, shard_images=k, stats_sample=7)
+             for k in (SHARD, 3)]
+    picked = [[j.items[r] for j in jobs for r in j.stats_rows or ()] for jobs in plans]
+    assert len(picked[0]) == 7 and picked[0] == picked[1]  # independent of the shard size
+    s1, n = np.zeros(3), 0
+    blob = Path(tars["train"]).read_bytes()
+    for it in picked[0]:
+        try:
+            _, _, _, st = encode_image(blob[it.offset:it.offset + it.size], max_side=100,
+                                       quality=90, want_stats=True)
+        except OSError:  # the corrupt file, if drawn, adds nothing
+            continue
+        s1, n = s1 + st[0], n + st[2]
+    np.testing.assert_allclose(m["mean"], s1 / n * 255, rtol=1e-9)
+    # a new sample size is another plan: the shards are not reused for it
+    with pytest.raises(DataError, match="already holds"):
+        prepare_imagenet(tars["train"], tars["val"], dest, devkit=tars["devkit"],
+                         shard_images=SHARD, max_side=100, stats_sample=8)
+    # an image outside the sample is still checked: a truncated JPEG is refused
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)).save(
+        buf, "JPEG")
+    with pytest.raises(OSError, match="truncated"):
+        encode_image(buf.getvalue()[:-200], max_side=100, quality=90, want_stats=False,
+                     full_decode=False)
+    r = CliRunner().invoke(app, ["data", "prepare", "imagenet", "--train", tars["train"], "--val",
+                                 tars["val"], "--devkit", tars["devkit"], "--dest", dest,
+                                 "--stats-sample", "0"])
+    assert isinstance(r.exception, DataError) and "--stats-sample" in str(r.exception)
