@@ -56,13 +56,13 @@ def write_meta_mat(path: Path, leaves: list[str]) -> None:
 
 
 def make_archives(root: Path, layout: dict, *, dest: Path) -> dict:
-    """ILSVRC2012_img_train.tar, _img_val.tar and _devkit_t12.tar.gz from a ``txt`` layout,
-    with members in an unsorted order (the reader sorts, as the folder scan does), a folder
+    """ILSVRC2012_img_train.tar, _img_val.tar and _devkit_t12.tar.gz from a ``txt`` layout
+    (also used by benchmarks/prepare_tars.py), with members in an unsorted order (the reader sorts, as the folder scan does), a folder
     entry and a non-image file in a class tar (left out, as in folders)."""
     dest.mkdir(parents=True)
     train = Path(layout["train"])
     classes = []
-    for wnid in reversed(WNIDS):
+    for wnid in sorted((p.name for p in train.iterdir()), reverse=True):
         files = [(p.name, p.read_bytes()) for p in sorted((train / wnid).iterdir(), reverse=True)]
         files.append(("notes.txt", b"not an image"))
         classes.append((f"{wnid}.tar", _tar_bytes(files)))
@@ -143,7 +143,7 @@ def test_cli_prepares_from_s3_archives(sources, s3_endpoint, tmp_path):
 
     _, tars, folder = sources
     fs = s3fs.S3FileSystem()
-    fs.mkdir("downloads")
+    fs.makedirs("downloads", exist_ok=True)  # moto keeps buckets across its servers
     uris = {}
     for key, path in tars.items():
         uris[key] = f"s3://downloads/imagenet/{Path(path).name}"
@@ -217,8 +217,8 @@ def test_ray_tasks_on_two_nodes_from_and_to_s3(sources, s3_endpoint, tmp_path):
 
     _, tars, folder = sources
     fs = s3fs.S3FileSystem()
-    fs.mkdir("downloads")
-    fs.mkdir("out")
+    fs.makedirs("downloads", exist_ok=True)  # moto keeps buckets across its servers
+    fs.makedirs("out", exist_ok=True)
     uris = {}
     for key, path in tars.items():
         uris[key] = f"s3://downloads/{Path(path).name}"
