@@ -11,22 +11,28 @@ into a fresh --dest with 64 images per shard:
 - folder: ``prepare_imagenet`` on the extracted folders, one process;
 - tar: the same from the three archives, one process (shards checked identical to folder's);
 - tar_sample: the tar prepare with ``--stats-sample S`` (the cost of full statistics);
+- pool: the tar prepare with ``--workers C`` (C processes on this machine: the same
+  parallelism as Ray, without Ray);
 - ray: the tar prepare with its shard writers as Ray tasks (``RayRunner``) on a local Ray
   cluster of C CPUs, started once and warmed by one untimed prepare.
 
 Per core, two ways: wall-clock images/s divided by the cores used (1, or C for Ray), and
 images per CPU second: this process's ``process_time`` for the one-process runs; for Ray, this
 process plus EVERY process of the local cluster (raylet, GCS, dashboard, workers: psutil over
-this process's descendants), so Ray's own overhead is paid for. Also the index alone (headers
-only), from local disk and from a moto S3 server (its own process), with the requests and bytes counted (moto's own time per ranged GET grows with the object's
-size, as it copies the object for each one, so only the counts carry over to real S3).
+this process's descendants), so Ray's own overhead is paid for (the pool's processes likewise).
+Also the index alone (headers only) from local disk, and with ``--s3-index`` from a moto S3
+server (its own process) with the requests and bytes counted (moto's own time per ranged GET
+grows with the object's size, as it copies the object for each one, so only the counts carry
+over to real S3).
 
-    python benchmarks/prepare_tars.py --images 600 --val 100 --rounds 3 --ray-cpus 2 [--json]
+    python benchmarks/prepare_tars.py --images 2000 --val 200 --rounds 5 --stats-sample 200 \
+        [--ray-cpus C] [--s3-index] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -116,6 +122,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stats-sample", type=int, default=50)
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--s3-index", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -155,6 +162,7 @@ def main() -> None:
         "folder": (1, lambda d: folder(d)),
         "tar": (1, lambda d: tar(d)),
         "tar_sample": (1, lambda d: tar(d, stats_sample=args.stats_sample)),
+        "pool": (args.ray_cpus, lambda d: tar(d, workers=args.ray_cpus)),
         "ray": (args.ray_cpus, lambda d: tar(d, runner=runner)),
     }
     names = list(runs)
@@ -170,7 +178,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fn(dest)
             wall = time.perf_counter() - t0
-            cpu = meter.stop() if name == "ray" else time.process_time() - cpu0
+            cpu = meter.stop() if name in ("ray", "pool") else time.process_time() - cpu0
             row[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                          "img_s_per_core_wall": round(n_total / wall / cores, 1),
                          "img_per_cpu_s": round(n_total / cpu, 1)}
@@ -198,6 +206,7 @@ def main() -> None:
     # Paired per round (the same load for all four), then the median over rounds: on a shared
     # machine the load moves both sides of a ratio together, and the absolute figures with it.
     pairs = {"tar_over_folder": ("tar", "folder"), "ray_over_single": ("ray", "tar"),
+             "ray_over_pool": ("ray", "pool"), "pool_over_single": ("pool", "tar"),
              "sample_over_full": ("tar_sample", "tar")}
     result["ratios"] = {
         f"{k}_{unit}": float(np.median([row[a][key] / row[b][key] for row in rows]))
@@ -212,7 +221,9 @@ def main() -> None:
     t0 = time.perf_counter()
     members = sum(len(v) for v in index_class_tars(tars["train"]).values())
     index = {"members": members, "local_s": round(time.perf_counter() - t0, 3)}
-    with moto_server():
+    with moto_server() if args.s3_index else contextlib.nullcontext(None) as endpoint:
+        if endpoint is None:
+            return _report(result, index, args)
         import fsspec
 
         fs = fsspec.filesystem("s3")
@@ -237,6 +248,10 @@ def main() -> None:
             index["s3_requests"], index["s3_bytes"] = calls["n"], calls["bytes"]
         finally:
             S3FileSystem._call_s3 = orig
+    _report(result, index, args)
+
+
+def _report(result: dict, index: dict, args) -> None:
     result["index"] = index
     result["load_end"] = loadavg()
     print(json.dumps(result if args.json else {k: v for k, v in result.items() if k != "rounds"},
