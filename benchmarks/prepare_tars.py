@@ -6,7 +6,7 @@ scikit-learn and scikit-image ship, at ImageNet's usual sizes, about 1 in 8 abov
 a flat val of V of them with devkit-style labels, and the three archives
 (tests/test_imagenet_archives.py ``make_archives``: nested class tars, val tar, devkit with a
 scipy-written meta.mat). Then, interleaved over rounds with the order rotated each round, each
-into a fresh --dest with 64 images per shard:
+into a fresh --dest with --shard-images per shard (64 by default, for many tasks):
 
 - folder: ``prepare_imagenet`` on the extracted folders, one process;
 - tar: the same from the three archives, one process (shards checked identical to folder's);
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stats-sample", type=int, default=50)
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--shard-images", type=int, default=64)
     ap.add_argument("--s3-index", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -134,7 +135,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rc-bench-tars-"))
     src = make_sources(work, args.images, args.val)
     lay, tars = src["layout"], src["tars"]
-    opts = {"shard_images": 64}
+    opts = {"shard_images": args.shard_images}
     n_total = args.images + args.val
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, flush=True))
 
@@ -197,6 +198,7 @@ def main() -> None:
 
     result = {
         "images": n_total, "train": args.images, "val": args.val, "rounds": rows,
+        "shard_images": args.shard_images,
         "ray_cpus": args.ray_cpus, "cpu_count": os.cpu_count(),
         "source_bytes": sum(Path(p).stat().st_size for p in (tars["train"], tars["val"])),
         "median": {k: {m: med(k, m) for m in ("img_per_cpu_s", "img_s_per_core_wall")}

@@ -116,8 +116,8 @@ def _missing_local(path: str) -> bool:
 
 def scan_train(train: str | os.PathLike) -> tuple[list[str], list[Item]]:
     """(sorted wnids, images labelled by their wnid's index) of a train/ folder or tar."""
-    train = str(train)
-    if _missing_local(train) or (not is_archive(train) and not Path(train).is_dir()):
+    train = os.path.expanduser(str(train))
+    if _missing_local(train):
         raise DataError(f"--train {train} is not a folder or an archive that exists; pass the "
                         "ILSVRC2012 train/ folder that holds one <wnid>/ folder of JPEGs per "
                         "class, or ILSVRC2012_img_train.tar as downloaded.")
@@ -166,7 +166,7 @@ def _labelled_by_ids(flat: list[tuple[str, str, int, int]], ids: list[int],
 def scan_val(val: str | os.PathLike, classes: list[str], *, labels: str | None = None,
              synsets: str | None = None, devkit: Devkit | None = None,
              devkit_where: str = "--devkit") -> list[Item]:
-    val = str(val)
+    val = os.path.expanduser(str(val))
     index = {w: i for i, w in enumerate(classes)}
 
     def label_of(wnid: str, where: str) -> int:
