@@ -33,6 +33,7 @@ training process (``loader_workers: 0``) against 2 DataLoader workers, from disk
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -198,6 +199,32 @@ def cifar_epochs(work: Path, s3_root: str, n: int, rounds: int, say) -> dict:
             "median_img_s": {k: float(np.median([row[k] for row in rows])) for k in readers}}
 
 
+@contextlib.contextmanager
+def moto_server(bucket: str = "bench"):
+    """A moto S3 server in its own process (its request handling is not charged to the
+    benchmark's core), the AWS variables pointing at it, and ``bucket`` created."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
+                          AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+        import boto3
+
+        for _ in range(600):
+            try:
+                boto3.client("s3").create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        moto.terminate()
+        moto.wait()
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -230,23 +257,7 @@ def main() -> None:
     prep_s = time.perf_counter() - t
     src_bytes = sum(f.stat().st_size for f in files)
 
-    # moto S3 in its own process, so its request handling is not charged to the reader's core
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
-                          AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
-        import boto3
-
-        for _ in range(600):
-            try:
-                boto3.client("s3").create_bucket(Bucket="bench")
-                break
-            except Exception:
-                time.sleep(0.1)
+    with moto_server():
         s3 = "s3://bench/shards"
         import fsspec
 
@@ -331,9 +342,6 @@ def main() -> None:
             n2, secs2 = ray_data_pass(local, args.batch, cpus)  # second pass: Ray is warm
             result["all_cores"] = {"dataloader_workers": cpus, "dataloader_img_s": dl,
                                    "ray_data_img_s": [n / secs, n2 / secs2], "load": loadavg()}
-    finally:
-        moto.terminate()
-        moto.wait()
     if args.json:
         print(json.dumps(result, indent=1))
     else:

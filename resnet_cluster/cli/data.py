@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from resnet_cluster.cli.common import console, print_json
+from resnet_cluster.cli.common import console, err_console, print_json
 
 app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
 prepare_app = typer.Typer(help="Download and convert a dataset.", no_args_is_help=True)
@@ -47,26 +47,59 @@ def prepare_cifar10(
 
 @prepare_app.command("imagenet")
 def prepare_imagenet(
-    train: str = typer.Option(..., help="The ILSVRC2012 train/ folder: train/<wnid>/*.JPEG."),
-    val: str = typer.Option(..., help="The val/ folder: flat, or sorted into <wnid>/ folders."),
+    train: str = typer.Option(..., help="ILSVRC2012_img_train.tar as downloaded (a local path or fsspec URI such as s3://bucket/ILSVRC2012_img_train.tar), or the extracted train/ folder: train/<wnid>/*.JPEG."),
+    val: str = typer.Option(..., help="ILSVRC2012_img_val.tar (path or URI), or the extracted val/ folder: flat, or sorted into <wnid>/ folders."),
     dest: str = typer.Option(..., help="Where jobs read it (data.root): a folder or fsspec URI such as s3://bucket/imagenet."),
+    devkit: Optional[str] = typer.Option(
+        None, help="ILSVRC2012_devkit_t12.tar.gz (path or URI): the labels of a flat val and the synset order, from data/meta.mat and the val ground truth."
+    ),
     val_labels: Optional[str] = typer.Option(
-        None, help="Labels of a flat val/: LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt (with --synsets). Default: LOC_val_solution.csv next to val/ if there."
+        None, help="Labels of a flat val/ without --devkit: LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt (with --synsets). Default: LOC_val_solution.csv next to val/ if there."
     ),
     synsets: Optional[str] = typer.Option(None, help="With the ground-truth .txt: the wnid of ILSVRC2012_ID 1, 2, ... one per line."),
     max_side: int = typer.Option(480, help="Re-encode images whose shorter side is larger to this many pixels (480: the top of the paper's scale range)."),
     quality: int = typer.Option(90, help="JPEG quality of re-encoded images."),
     shard_images: int = typer.Option(512, help="Images per shard (the unit a reader fetches in one request)."),
-    workers: int = typer.Option(1, help="Processes encoding shards in parallel."),
+    workers: int = typer.Option(1, help="Processes encoding shards in parallel (on this machine; with --address the cluster's CPUs are used)."),
+    stats_sample: Optional[int] = typer.Option(
+        None, help="Compute the mean and PCA from this many training images (a fixed, seeded sample) instead of all; the others are only checked with a cheap 1/8-scale decode."
+    ),
+    address: Optional[str] = typer.Option(
+        None, help="Write the shards as Ray tasks across this cluster: its GCS address HOST:PORT (as `ray start --head` prints), or a Jobs API URL http://HEAD:8265 (the whole command then runs on the cluster as a Ray job). Inputs and --dest must be reachable from every node (s3://...)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a progress bar and table."),
 ) -> None:
-    """Write ILSVRC2012-layout folders as Parquet shards plus manifest.json (resumable: re-run the same command)."""
+    """Write ImageNet (the official tars + devkit, or extracted folders) as Parquet shards plus manifest.json (resumable: re-run the same command)."""
+    import functools
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from resnet_cluster.data.imagenet import prepare_imagenet as prepare
+    from resnet_cluster.launch import remote
 
-    kwargs = dict(val_labels=val_labels, synsets=synsets, max_side=max_side, quality=quality,
-                  shard_images=shard_images, workers=workers)
+    kwargs = dict(val_labels=val_labels, synsets=synsets, devkit=devkit, max_side=max_side,
+                  quality=quality, shard_images=shard_images, workers=workers,
+                  stats_sample=stats_sample)
+    if address and remote.is_jobs_address(address):
+        from resnet_cluster.launch.prepare import submit_prepare
+
+        args = ["--train", train, "--val", val, "--dest", dest]
+        for flag, value in (("--devkit", devkit), ("--val-labels", val_labels), ("--synsets", synsets),
+                            ("--max-side", max_side), ("--quality", quality),
+                            ("--shard-images", shard_images), ("--stats-sample", stats_sample)):
+            if value is not None:
+                args += [flag, str(value)]
+        summary = submit_prepare(address, args, lambda line: err_console.print(line, markup=False, highlight=False))
+        if json_out:
+            print_json(summary)
+        else:
+            _imagenet_table(summary)
+        return
+    if address:
+        from resnet_cluster.launch.prepare import prepare_on_cluster
+
+        prepare = functools.partial(prepare_on_cluster, address)
+    else:
+        from resnet_cluster.data.imagenet import prepare_imagenet as prepare
     if json_out:
         print_json(prepare(train, val, dest, **kwargs))
         return
@@ -80,6 +113,10 @@ def prepare_imagenet(
                        shards=f"{ev['shards_done']}/{ev['shards_total']} ({ev['reused']} reused)")
 
         summary = prepare(train, val, dest, progress=progress, **kwargs)
+    _imagenet_table(summary)
+
+
+def _imagenet_table(summary: dict) -> None:
     table = Table(title=f"ImageNet prepared at {summary['dest']}", show_header=False)
     if summary.get("already_prepared"):
         table.title += " (already complete; nothing written)"
@@ -89,6 +126,8 @@ def prepare_imagenet(
     table.add_row("shards", f"{summary['shards']} ({summary.get('reused_shards', 0)} reused)")
     table.add_row("bytes", f"{summary['bytes']:,}")
     table.add_row("skipped files", str(len(summary["skipped"])))
+    if summary.get("nodes"):
+        table.add_row("Ray nodes that wrote shards", str(summary["nodes"]))
     console.print(table)
     for s in summary["skipped"][:20]:
         console.print(f"  skipped {s['path']}: {s['error']}", markup=False)

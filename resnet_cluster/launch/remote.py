@@ -22,7 +22,9 @@ from typing import Any
 
 from resnet_cluster.errors import ClusterError, ConfigError
 
-EXCLUDES = [".git", ".venv", "**/__pycache__", "runs-store", "data", "*.pt", "*.tar.gz", "*.parquet"]
+# Gitignore patterns (Ray matches them with pathspec's gitwildmatch): "/data" is the top-level
+# dataset folder only; a bare "data" would also drop the resnet_cluster/data package.
+EXCLUDES = [".git", ".venv", "**/__pycache__", "runs-store", "/data", "*.pt", "*.tar.gz", "*.parquet"]
 STOP_WAIT_S = 120  # time the driver gets to abort Ray Train and write the `stopped` event
 AGENT_RETRY_S = 60  # a fresh cluster answers 500 "No available agent" for a few seconds
 
