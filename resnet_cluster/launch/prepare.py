@@ -33,6 +33,7 @@ from resnet_cluster.launch.cluster import connect
 
 PROGRESS_S = 0.5  # a task reports its images at most this often (one small object each)
 POLL_S = 1.0  # the longest the driver waits on the tasks before it looks again
+ENV_RETRIES = 1  # Jobs API form: resubmissions after a working_dir download failure (see below)
 # Settings (never credentials: those come from the nodes) that tasks need to reach the storage.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -165,24 +166,32 @@ def submit_prepare(address: str, args: list[str], on_line: Callable[[str], None]
                            "cluster's nodes and pass the GCS address (HOST:6379) instead.")
     ep = " ".join(shlex.quote(a) for a in ["python", "-m", "resnet_cluster", "data", "prepare",
                                            "imagenet", *args, "--address", "auto", "--json"])
-    sid = f"resnet-cluster-prepare-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    job_id = remote.submit_entrypoint(address, ep, submission_id=sid,
-                                      metadata={"command": "data prepare imagenet"}, cwd=root)
-    lines: list[str] = []
+    for attempt in range(1 + ENV_RETRIES):
+        sid = f"resnet-cluster-prepare-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        job_id = remote.submit_entrypoint(address, ep, submission_id=sid,
+                                          metadata={"command": "data prepare imagenet"}, cwd=root)
+        lines: list[str] = []
 
-    def keep(line: str) -> None:
-        lines.append(line)
-        on_line(line)
+        def keep(line: str) -> None:
+            lines.append(line)
+            on_line(line)
 
-    status = remote.follow(address, job_id, keep)
-    text = "\n".join(lines)
-    start = text.find("\n{") + 1 if not text.startswith("{") else 0
-    if status == "SUCCEEDED" and (start > 0 or text.startswith("{")):
-        try:
-            summary, _ = json.JSONDecoder().raw_decode(text[start:])
-            return {**summary, "ray_job": job_id}
-        except ValueError:
-            pass
+        status = remote.follow(address, job_id, keep)
+        text = "\n".join(lines)
+        start = 0 if text.startswith("{") else text.find("\n{") + 1
+        if status == "SUCCEEDED" and (start > 0 or text.startswith("{")):
+            try:
+                summary, _ = json.JSONDecoder().raw_decode(text[start:])
+                return {**summary, "ray_job": job_id}
+            except ValueError:
+                pass
+        if "Failed to download runtime_env file package" in text and attempt < ENV_RETRIES:
+            # Intermittent in Ray (ray-project/ray#36703): a node could not fetch the job's
+            # working_dir package. A new job uploads it again and resumes (finished shards kept).
+            on_line(f"Ray could not set up the job's working_dir on a node (job {job_id}); "
+                    "submitting again, finished shards are kept.")
+            continue
+        break
     tail = "\n".join(lines[-15:])
     raise ClusterError(f"the prepare job {job_id} on {address} ended {status}. The end of its "
                        f"log:\n{tail}")
