@@ -1,7 +1,8 @@
 """``data prepare imagenet --address``: the shard writers as Ray tasks across the cluster's nodes.
 
 The driver (this process) does what needs one view of the dataset: index the archives (header
-reads only; ranged GETs on S3), plan the shards, check ``--dest``, and write ``manifest.json``
+reads only; ranged GETs on S3: the outer tar here, the class tars' headers as Ray tasks, one
+batch of class tars per cluster CPU), plan the shards, check ``--dest``, and write ``manifest.json``
 last, exactly as :func:`resnet_cluster.data.imagenet.prepare_imagenet` does on one machine (it
 is the same function, given :func:`ray_runner`). Each Ray task gets one shard job: the byte
 ranges of its images, which it fetches itself (concurrent ranged GETs on S3), encodes, and
@@ -86,19 +87,37 @@ class RayRunner:
         self.address = address
         self.max_in_flight = max_in_flight
         self.nodes: set[str] = set()
+        self.index_tasks = 0
+
+    def _options(self, **extra) -> dict[str, Any]:
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **extra}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        return options
+
+    def index_map(self, fn, uri: str, classes: list) -> list:
+        """The class tars' headers read by Ray tasks, one batch of class tars per cluster CPU:
+        on S3 each class tar is a chain of dependent GETs, so spreading the chains over the
+        nodes divides the index time by their number (one driver would otherwise wait through
+        every GET's latency alone)."""
+        import ray
+
+        connect(self.address)
+        k = max(1, min(len(classes), int(ray.cluster_resources().get("CPU", 1))))
+        task = ray.remote(fn).options(**self._options())
+        refs = [task.remote(uri, classes[i::k]) for i in range(k)]
+        self.index_tasks = k
+        return [pair for part in (_result(r) for r in refs) for pair in part]
 
     def __call__(self, jobs, images, done) -> None:
         import ray
 
-        # Connecting here, not before: a refused --dest or a finished dataset never starts Ray.
+        # Connecting here (or in index_map), not before: a refused --dest never starts Ray
+        # unless the archives had to be indexed on it.
         connect(self.address)
         window = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-        options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD",
-                                   "num_returns": "streaming"}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        task = ray.remote(_shard_task).options(**options)
+        task = ray.remote(_shard_task).options(**self._options(num_returns="streaming"))
         pending: dict[Any, ShardJob] = {}  # ObjectRefGenerator -> its job
         counted: dict[str, int] = {}
         todo = iter(jobs)
@@ -149,7 +168,8 @@ def prepare_on_cluster(address: str, train: str, val: str, dest: str, *,
     runner = RayRunner(address)
     summary = prepare_imagenet(train, val, dest, progress=progress, runner=runner,
                                **{k: v for k, v in options.items() if k != "workers"})
-    return {**summary, "cluster": address, "nodes": len(runner.nodes)}
+    return {**summary, "cluster": address, "nodes": len(runner.nodes),
+            "index_tasks": runner.index_tasks}
 
 
 def submit_prepare(address: str, args: list[str], on_line: Callable[[str], None]) -> dict:
