@@ -206,8 +206,9 @@ print(json.dumps({"summary": summary, "events": events}))
 
 @pytest.mark.ray
 def test_ray_tasks_on_two_nodes_from_and_to_s3(sources, s3_endpoint, tmp_path):
-    """Shard writers as Ray tasks on two `ray start` nodes: identical shards, both nodes used,
-    progress to the driver, resume, a refused --dest; and the Jobs API form of --address."""
+    """Class-tar indexing and shard writers as Ray tasks on two `ray start` nodes: identical
+    shards, both nodes used, progress to the driver, resume, a refused --dest; and the Jobs API
+    form of --address."""
     import subprocess
     import sys
 
@@ -243,6 +244,7 @@ def test_ray_tasks_on_two_nodes_from_and_to_s3(sources, s3_endpoint, tmp_path):
         run = drive(dest)
         summary, events = run["summary"], run["events"]
         assert summary["nodes"] == 2 and summary["reused_shards"] == 0
+        assert summary["index_tasks"] == 2  # the 4 class tars' headers read by 2 Ray tasks
         assert [s["path"] for s in summary["skipped"]] == [f"train/{WNIDS[1]}/{WNIDS[1]}_bad.JPEG"]
         _same_dataset(folder, dest)
         done = [e["images_done"] for e in events]

@@ -62,7 +62,7 @@ def prepare_imagenet(
     shard_images: int = typer.Option(512, help="Images per shard (the unit a reader fetches in one request)."),
     workers: int = typer.Option(1, help="Processes encoding shards in parallel (on this machine; with --address the cluster's CPUs are used)."),
     stats_sample: Optional[int] = typer.Option(
-        None, help="Compute the mean and PCA from this many training images (a fixed, seeded sample) instead of all; the others are only checked with a cheap 1/8-scale decode."
+        None, help="Compute the mean and PCA from this many training images (a fixed, seeded sample). Default: all, each fully decoded; with a sample the others stored as they are get only a cheap 1/8-scale decode check."
     ),
     address: Optional[str] = typer.Option(
         None, help="Write the shards as Ray tasks across this cluster: its GCS address HOST:PORT (as `ray start --head` prints), or a Jobs API URL http://HEAD:8265 (the whole command then runs on the cluster as a Ray job). Inputs and --dest must be reachable from every node (s3://...)."

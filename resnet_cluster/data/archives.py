@@ -146,10 +146,16 @@ def _basename(name: str) -> str:
     return name[2:] if name.startswith("./") else name
 
 
-def index_class_tars(uri: str, *, threads: int | None = None) -> dict[str, list[Member]]:
+def index_class_tars(uri: str, *, threads: int | None = None,
+                     map_batches=None) -> dict[str, list[Member]]:
     """``{wnid: [image members]}`` of a train tar of per-class tars, wnids sorted, each list in
     name order. Member names are the file names inside the class tar (``n01440764_10026.JPEG``);
-    files in subfolders of a class tar are left out, as the folder layout leaves them out."""
+    files in subfolders of a class tar are left out, as the folder layout leaves them out.
+
+    The outer tar's headers are read here; the class tars' headers by :func:`index_classes`
+    on a thread pool here, or, given ``map_batches(fn, uri, classes)`` (the Ray runner's), by
+    ``fn`` on batches of class tars elsewhere, whose results it returns concatenated.
+    """
     where = f"--train {uri}"
     total = _size(uri, where, "ILSVRC2012_img_train.tar")
     with _open(uri) as f:
@@ -159,6 +165,16 @@ def index_class_tars(uri: str, *, threads: int | None = None) -> dict[str, list[
     if not classes:
         raise DataError(f"{where} holds no per-class tars; expected ILSVRC2012_img_train.tar, "
                         "whose members are n01440764.tar, n01443537.tar, ...")
+    if map_batches is not None:
+        return dict(sorted(map_batches(index_classes, uri, classes)))
+    return dict(index_classes(uri, classes, threads))
+
+
+def index_classes(uri: str, classes: list[tuple[str, Member]],
+                  threads: int | None = None) -> list[tuple[str, list[Member]]]:
+    """``(wnid, image members)`` of each class tar (a member of the train tar at ``uri``),
+    ``threads`` class tars at a time (each one's headers are a chain of dependent reads)."""
+    where = f"--train {uri}"
 
     def one(item):
         wnid, m = item
@@ -170,8 +186,8 @@ def index_class_tars(uri: str, *, threads: int | None = None) -> dict[str, list[
 
     if threads is None:
         threads = INDEX_THREADS if is_local(url_to_fs(uri)[0]) else INDEX_THREADS_REMOTE
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        return dict(pool.map(one, classes))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(classes)))) as pool:
+        return list(pool.map(one, classes))
 
 
 def index_flat_tar(uri: str, flag: str = "--val") -> list[Member]:

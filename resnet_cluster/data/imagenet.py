@@ -114,15 +114,16 @@ def _missing_local(path: str) -> bool:
     return is_local(fs) and not os.path.exists(p)
 
 
-def scan_train(train: str | os.PathLike) -> tuple[list[str], list[Item]]:
-    """(sorted wnids, images labelled by their wnid's index) of a train/ folder or tar."""
+def scan_train(train: str | os.PathLike, index_map=None) -> tuple[list[str], list[Item]]:
+    """(sorted wnids, images labelled by their wnid's index) of a train/ folder or tar;
+    ``index_map``: see :func:`~resnet_cluster.data.archives.index_class_tars`."""
     train = os.path.expanduser(str(train))
     if _missing_local(train):
         raise DataError(f"--train {train} is not a folder or an archive that exists; pass the "
                         "ILSVRC2012 train/ folder that holds one <wnid>/ folder of JPEGs per "
                         "class, or ILSVRC2012_img_train.tar as downloaded.")
     if is_archive(train):
-        by_class = index_class_tars(train)
+        by_class = index_class_tars(train, map_batches=index_map)
         classes = list(by_class)
         items = [Item(train, f"{wnid}/{m.name}", label, m.size, m.offset)
                  for label, wnid in enumerate(classes) for m in by_class[wnid]
@@ -249,14 +250,15 @@ def scan_val(val: str | os.PathLike, classes: list[str], *, labels: str | None =
 
 
 def scan_sources(train: str, val: str, *, val_labels: str | None = None,
-                 synsets: str | None = None, devkit: str | None = None) -> Sources:
+                 synsets: str | None = None, devkit: str | None = None,
+                 index_map=None) -> Sources:
     """Classes and labelled images of the inputs (folders or tars), the devkit checked against
-    the train classes."""
+    the train classes. ``index_map`` indexes the class tars elsewhere (the Ray runner's)."""
     if devkit is not None and (val_labels is not None or synsets is not None):
         raise DataError("--devkit gives the val labels and the synset order; leave out "
                         "--val-labels and --synsets when you pass it.")
     kit = read_devkit(devkit) if devkit is not None else None
-    classes, train_items = scan_train(train)
+    classes, train_items = scan_train(train, index_map)
     if kit is not None:
         unknown = sorted(set(classes) - set(kit.wnid_of_id.values()))
         if unknown:
@@ -413,6 +415,7 @@ def run_shard_job(job: ShardJob, on_image: Callable[[], None] | None = None) -> 
 
 # runner(jobs, images, done): run every job; ``images(n)`` reports n more images encoded,
 # ``done(job, record, counted)`` a finished job, of whose images ``counted`` went to images().
+# A runner may also have ``index_map(fn, uri, classes)``: the class tars' headers read there.
 Runner = Callable[[list[ShardJob], Callable[[int], None], Callable[[ShardJob, dict, int], None]],
                   None]
 
@@ -468,7 +471,8 @@ def prepare_imagenet(
     """
     _check_options(max_side, quality, shard_images, workers, stats_sample)
     t0 = time.time()
-    src = scan_sources(train, val, val_labels=val_labels, synsets=synsets, devkit=devkit)
+    src = scan_sources(train, val, val_labels=val_labels, synsets=synsets, devkit=devkit,
+                       index_map=getattr(runner, "index_map", None))
     jobs = plan_shards(dest, src, max_side=max_side, quality=quality, shard_images=shard_images,
                        stats_sample=stats_sample)
     old = check_dest(dest, _manifest_plan(jobs), dataset="imagenet")

@@ -1,7 +1,8 @@
 """``data prepare imagenet --address``: the shard writers as Ray tasks across the cluster's nodes.
 
 The driver (this process) does what needs one view of the dataset: index the archives (header
-reads only; ranged GETs on S3), plan the shards, check ``--dest``, and write ``manifest.json``
+reads only; ranged GETs on S3: the outer tar here, the class tars' headers as Ray tasks, one
+batch of class tars per cluster CPU), plan the shards, check ``--dest``, and write ``manifest.json``
 last, exactly as :func:`resnet_cluster.data.imagenet.prepare_imagenet` does on one machine (it
 is the same function, given :func:`ray_runner`). Each Ray task gets one shard job: the byte
 ranges of its images, which it fetches itself (concurrent ranged GETs on S3), encodes, and
@@ -31,6 +32,7 @@ from resnet_cluster.launch.cluster import connect
 
 PROGRESS_S = 0.5  # a task reports its images at most this often (one small object each)
 POLL_S = 1.0  # the longest the driver waits on the tasks before it looks again
+ENV_RETRIES = 1  # Jobs API form: resubmissions after a working_dir download failure (see below)
 # Settings (never credentials: those come from the nodes) that tasks need to reach the storage.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -83,19 +85,37 @@ class RayRunner:
         self.address = address
         self.max_in_flight = max_in_flight
         self.nodes: set[str] = set()
+        self.index_tasks = 0
+
+    def _options(self, **extra) -> dict[str, Any]:
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **extra}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        return options
+
+    def index_map(self, fn, uri: str, classes: list) -> list:
+        """The class tars' headers read by Ray tasks, one batch of class tars per cluster CPU:
+        on S3 each class tar is a chain of dependent GETs, so spreading the chains over the
+        nodes divides the index time by their number (one driver would otherwise wait through
+        every GET's latency alone)."""
+        import ray
+
+        connect(self.address)
+        k = max(1, min(len(classes), int(ray.cluster_resources().get("CPU", 1))))
+        task = ray.remote(fn).options(**self._options())
+        refs = [task.remote(uri, classes[i::k]) for i in range(k)]
+        self.index_tasks = k
+        return [pair for part in (_result(r) for r in refs) for pair in part]
 
     def __call__(self, jobs, images, done) -> None:
         import ray
 
-        # Connecting here, not before: a refused --dest or a finished dataset never starts Ray.
+        # Connecting here (or in index_map), not before: a refused --dest never starts Ray
+        # unless the archives had to be indexed on it.
         connect(self.address)
         window = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-        options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD",
-                                   "num_returns": "streaming"}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        task = ray.remote(_shard_task).options(**options)
+        task = ray.remote(_shard_task).options(**self._options(num_returns="streaming"))
         pending: dict[Any, ShardJob] = {}  # ObjectRefGenerator -> its job
         counted: dict[str, int] = {}
         todo = iter(jobs)
@@ -146,7 +166,8 @@ def prepare_on_cluster(address: str, train: str, val: str, dest: str, *,
     runner = RayRunner(address)
     summary = prepare_imagenet(train, val, dest, progress=progress, runner=runner,
                                **{k: v for k, v in options.items() if k != "workers"})
-    return {**summary, "cluster": address, "nodes": len(runner.nodes)}
+    return {**summary, "cluster": address, "nodes": len(runner.nodes),
+            "index_tasks": runner.index_tasks}
 
 
 def submit_prepare(address: str, args: list[str], on_line: Callable[[str], None]) -> dict:
@@ -161,29 +182,36 @@ def submit_prepare(address: str, args: list[str], on_line: Callable[[str], None]
         raise ClusterError(f"a Jobs API address ships this package's source checkout to the "
                            f"cluster, and {root} is not one. Install resnet-cluster on the "
                            "cluster's nodes and pass the GCS address (HOST:6379) instead.")
-    info = remote.submit_command(
-        address,
-        ["data", "prepare", "imagenet", *args, "--address", "auto", "--json"],
-        submission_id=f"resnet-cluster-prepare-{time.strftime('%Y%m%d-%H%M%S')}",
-        metadata={"kind": "prepare", "command": "data prepare imagenet"},
-        cwd=root,
-    )
-    job_id = info["job_id"]
-    lines: list[str] = []
+    for attempt in range(1 + ENV_RETRIES):
+        job_id = remote.submit_command(
+            address,
+            ["data", "prepare", "imagenet", *args, "--address", "auto", "--json"],
+            submission_id=f"resnet-cluster-prepare-{time.strftime('%Y%m%d-%H%M%S')}",
+            metadata={"kind": "prepare", "command": "data prepare imagenet"},
+            cwd=root,
+        )["job_id"]
+        lines: list[str] = []
 
-    def keep(line: str) -> None:
-        lines.append(line)
-        on_line(line)
+        def keep(line: str) -> None:
+            lines.append(line)
+            on_line(line)
 
-    status = remote.follow(address, job_id, keep)
-    text = "\n".join(lines)
-    start = text.find("\n{") + 1 if not text.startswith("{") else 0
-    if status == "SUCCEEDED" and (start > 0 or text.startswith("{")):
-        try:
-            summary, _ = json.JSONDecoder().raw_decode(text[start:])
-            return {**summary, "ray_job": job_id}
-        except ValueError:
-            pass
+        status = remote.follow(address, job_id, keep)
+        text = "\n".join(lines)
+        start = 0 if text.startswith("{") else text.find("\n{") + 1
+        if status == "SUCCEEDED" and (start > 0 or text.startswith("{")):
+            try:
+                summary, _ = json.JSONDecoder().raw_decode(text[start:])
+                return {**summary, "ray_job": job_id}
+            except ValueError:
+                pass
+        if "Failed to download runtime_env file package" in text and attempt < ENV_RETRIES:
+            # Intermittent in Ray (ray-project/ray#36703): a node could not fetch the job's
+            # working_dir package. A new job uploads it again and resumes (finished shards kept).
+            on_line(f"Ray could not set up the job's working_dir on a node (job {job_id}); "
+                    "submitting again, finished shards are kept.")
+            continue
+        break
     tail = "\n".join(lines[-15:])
     raise ClusterError(f"the prepare job {job_id} on {address} ended {status}. The end of its "
                        f"log:\n{tail}")
