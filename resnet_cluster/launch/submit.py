@@ -67,7 +67,8 @@ def _check_resources(cfg: JobConfig, info: dict[str, Any]) -> None:
     """
     if not info["local"]:
         return
-    need = scaling_plan(cfg)["total_resources"]
+    plan = scaling_plan(cfg)
+    need = plan.get("elastic", {}).get("min_total_resources", plan["total_resources"])  # a range starts at min
     have = info["resources"]
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v - 1e-9}
     if short:

@@ -326,10 +326,10 @@ def load_sweep(
             _absolute_paths(job)
             where = f"{source}, row {row.label!r}" + (" (with --set overrides)" if overrides else "")
             cfg = from_dict(job, source=where)
-            if cfg.scaling.use_gpu and cfg.scaling.workers > 1 and cfg.scaling.gpus_per_worker < 1:
+            if cfg.scaling.use_gpu and cfg.scaling.max_workers > 1 and cfg.scaling.gpus_per_worker < 1:
                 raise ConfigError(
                     f"{where}: trial_resources gpu {cfg.scaling.gpus_per_worker:g} with "
-                    f"{cfg.scaling.workers} workers per trial: DDP ranks need whole GPUs (NCCL "
+                    f"{cfg.scaling.describe_workers()} workers per trial: DDP ranks need whole GPUs (NCCL "
                     "refuses two ranks on one GPU). Use scaling.workers: 1 for fractional-GPU "
                     "trials, or gpu: 1."
                 )
