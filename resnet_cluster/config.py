@@ -281,6 +281,9 @@ class CheckpointConfig(_Section):
     # epoch's order). null: at epoch ends only.
     every_iterations: int | None = Field(None, ge=1)
     keep: int = Field(2, ge=1)
+    # async: rank 0 hands the checkpoint to Ray Train's upload thread and trains on
+    # (ray.train.report(checkpoint_upload_mode=ASYNC)); sync: every rank waits for the upload.
+    upload: Literal["async", "sync"] = "async"
 
 
 class FailureSection(_Section):

@@ -28,23 +28,35 @@ def _numbers(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class RayReporter(Callback):
-    """Calls ``ray.train.report`` once per epoch on every rank (it is a barrier), attaching a
-    checkpoint from rank 0 every ``checkpoint.every_epochs`` and at the end."""
+    """Calls ``ray.train.report`` once per epoch and once per mid-epoch checkpoint on every rank
+    (it is a barrier), attaching a checkpoint from rank 0 every ``checkpoint.every_epochs``,
+    every ``checkpoint.every_iterations`` steps, when a node's preemption is announced, and at
+    the end.
+
+    Uploads are asynchronous by default (``checkpoint.upload: async``,
+    ``CheckpointUploadMode.ASYNC``): rank 0 writes ``train_state.pt``
+    to a local folder and goes on training while Ray Train copies it to the store and deletes
+    the folder; the checkpoint is registered (and becomes what a restart resumes from) only
+    once its upload has finished, so a failed or interrupted upload leaves the previous
+    checkpoint in charge. A failed upload fails the worker group (Ray Train raises it in the
+    training thread), which restarts from that previous checkpoint.
+    """
 
     def __init__(self, cfg: JobConfig, ctx: WorkerContext):
         self.cfg, self.ctx, self.total_epochs = cfg, ctx, 0
+        self.upload = cfg.checkpoint.upload
+        self.preemption_seen: set[tuple] = set()
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.total_epochs = info["total_epochs"]
 
-    def on_epoch_end(self, record, state) -> None:
+    def _report(self, metrics: dict[str, Any], state, name: str | None) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
-        epoch = record["epoch"]
-        due = (epoch + 1) % self.cfg.checkpoint.every_epochs == 0 or epoch + 1 == self.total_epochs
-        metrics = _numbers(record)
-        if not (due and self.ctx.is_main):
-            ray.train.report(metrics)
+        mode = CheckpointUploadMode.ASYNC if self.upload == "async" else CheckpointUploadMode.SYNC
+        if name is None or not self.ctx.is_main:
+            ray.train.report(metrics, checkpoint_upload_mode=mode)
             return
         tmp = tempfile.mkdtemp(prefix="rc-ckpt-")
         try:
@@ -52,10 +64,45 @@ class RayReporter(Callback):
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+                checkpoint_dir_name=name,
+                checkpoint_upload_mode=mode,
+                # Ray deletes the folder after the upload (async: in its upload thread)
+                delete_local_checkpoint_after_upload=True,
             )
-        finally:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if mode == CheckpointUploadMode.SYNC:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def on_epoch_end(self, record, state) -> None:
+        epoch, k = record["epoch"], self.cfg.checkpoint.every_iterations
+        due = (
+            (epoch + 1) % self.cfg.checkpoint.every_epochs == 0
+            or epoch + 1 == self.total_epochs
+            or (k is not None and record["iteration"] % k == 0)
+        )
+        self._report(_numbers(record), state, f"epoch_{epoch + 1:05d}" if due else None)
+
+    def on_checkpoint(self, record, state) -> None:
+        self._report(_numbers(record), state, f"iter_{record['iteration']:09d}")
+
+    def wants_checkpoint(self, record: dict[str, Any]) -> bool:
+        """True once per announced preemption of a node this run uses (every rank gets the
+        same answer: ``ray.train.get_preemption_info`` agrees on one value, a barrier)."""
+        import ray.train
+
+        get = getattr(ray.train, "get_preemption_info", None)
+        if get is None:  # a Ray without the preemption watcher (before 2.57)
+            return False
+        info = get()
+        if info is None:
+            return False
+        key = (tuple(sorted(info.preempted_node_to_ranks)), info.deadline_ms)
+        if key in self.preemption_seen:
+            return False
+        self.preemption_seen.add(key)
+        return True
 
 
 class ProgressForwarder(Callback):

@@ -417,3 +417,90 @@ def test_rng_of_an_older_checkpoint_with_every_gpu_restores_on_any_machine():
     assert set(ckpt.capture_rng(torch.device("cpu"))) == {"torch"}
     arr = np.asarray(ckpt.capture_rng()["torch"])
     assert arr.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------- records
+def _store(tmp_path):
+    from resnet_cluster.artifacts.store import ArtifactStore
+
+    return ArtifactStore(str(tmp_path / "store"))
+
+
+def test_run_without_fresh_heartbeat_is_lost_and_listed_so(tmp_path):
+    import time
+
+    from resnet_cluster.artifacts import heartbeat
+    from resnet_cluster.artifacts.registry import get_run, list_runs, show_run
+    from resnet_cluster.artifacts.run import RunWriter
+
+    store = _store(tmp_path)
+    for rid in ("old-style", "alive", "gone", "done"):
+        store.write_text(rid, "config.yaml", tiny("2").to_yaml())
+        RunWriter(store, rid).event("started", world_size=2)
+    RunWriter(store, "done").event("stopped")
+    now = time.time()
+    beat = heartbeat.Heartbeat(store, "alive", "driver")
+    beat.beat()
+    stale = {"who": "driver", "unix": now - 5 * heartbeat.INTERVAL_S, "interval_s": heartbeat.INTERVAL_S,
+             "time": "then"}
+    store.write_json("gone", "heartbeat.driver.json", stale)
+    store.write_json("gone", "heartbeat.rank0.json", {**stale, "who": "rank0", "iteration": 40, "unix": stale["unix"] + 1})
+    store.write_json("done", "heartbeat.driver.json", stale)  # stopped stays stopped
+    status = {r.run_id: r.status for r in list_runs(store)}
+    assert status == {"old-style": "running", "alive": "running", "gone": "lost", "done": "stopped"}
+    assert [r.run_id for r in list_runs(store, status="lost")] == ["gone"]
+    assert get_run(store, "gone").status == "lost"
+    shown = show_run(store, "gone")
+    assert shown["record"]["status"] == "lost" and shown["heartbeat"]["iteration"] == 40
+    # a beat brings it back to running; the rank-0 heartbeat alone counts too
+    heartbeat.Heartbeat(store, "gone", "rank0").beat()
+    assert get_run(store, "gone").status == "running"
+
+
+def test_heartbeat_thread_beats_until_stopped(tmp_path):
+    import time
+
+    from resnet_cluster.artifacts import heartbeat
+
+    store = _store(tmp_path)
+    n = {"i": 0}
+
+    def fields():
+        n["i"] += 1
+        return {"iteration": n["i"]}
+
+    hb = heartbeat.Heartbeat(store, "r", "rank0", interval_s=0.05, fields=fields).start()
+    deadline = time.time() + 10
+    while n["i"] < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    hb.stop()
+    count = n["i"]
+    assert count >= 3 and store.read_json("r", "heartbeat.rank0.json")["iteration"] == count
+    time.sleep(0.2)
+    assert n["i"] == count  # stopped: no more writes
+    with pytest.raises(ValueError):
+        heartbeat.Heartbeat(store, "r", "rank7")
+
+
+def test_recorder_records_a_resize_as_an_event(tmp_path):
+    from resnet_cluster.artifacts.recorder import RunRecorder
+    from resnet_cluster.artifacts.registry import parse_events, show_run
+
+    store = _store(tmp_path)
+    cfg = tiny("{min: 1, max: 2}")
+    store.write_text("el", "config.yaml", cfg.to_yaml())
+    base = {"iters_per_epoch": 4, "total_iterations": 12, "total_epochs": 3, "parameters": 1}
+    first = RunRecorder(cfg, store, "el", submission="s1", csv_interval_s=0)
+    first.on_start({**base, "start_epoch": 0, "start_iteration": 0, "resumed": False, "world_size": 2,
+                    "training_workers": 2, "micro_batches_per_step": 1})
+    first.heartbeat.stop()
+    second = RunRecorder(cfg, store, "el", submission="s1", csv_interval_s=0)
+    second.on_start({**base, "start_epoch": 0, "start_iteration": 3, "start_epoch_step": 3, "resumed": True,
+                     "world_size": 1, "training_workers": 1, "micro_batches_per_step": 2})
+    second.heartbeat.stop()
+    events = parse_events(store.read_text("el", "events.jsonl"))
+    assert [e["event"] for e in events] == ["started", "resized", "restarted"]
+    resized = events[1]
+    assert (resized["from_world_size"], resized["to_world_size"], resized["iteration"]) == (2, 1, 3)
+    assert resized["micro_batches_per_step"] == 2
+    assert [e["iteration"] for e in show_run(store, "el")["resizes"]] == [3]

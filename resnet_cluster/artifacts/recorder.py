@@ -3,7 +3,11 @@
 ``training_loss.csv`` gets one row per log window and ``testing_error.csv`` one row per
 evaluation; both are uploaded while training runs (at most every few seconds, and at every
 epoch end), so a user can plot a run that is still going. On resume, rows logged after the
-checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run.
+checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run. Both are
+uploaded at every checkpoint too (epoch end or mid-epoch), so a run resumed from a mid-epoch
+checkpoint has every row up to it. Rank 0 also keeps ``heartbeat.rank0.json`` fresh (see
+``artifacts.heartbeat``) and records each world-size change of an elastic run as a ``resized``
+event.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import torch
 
 from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.heartbeat import Heartbeat
 from resnet_cluster.artifacts.provenance import environment_snapshot
 from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
@@ -83,20 +88,29 @@ class RunRecorder(Callback):
         self.test_csv = CsvLog(self.store, run_id, layout.TEST_CSV, TEST_FIELDS, min_interval_s=csv_interval_s)
         self.last_eval: dict[str, Any] = {}
         self.best_eval: dict[str, Any] = {}
+        self.iteration: int | None = None
+        self.heartbeat = Heartbeat(self.store, run_id, "rank0", fields=lambda: {"iteration": self.iteration})
 
-    def _earlier_start_in_this_submission(self) -> bool:
-        if self.submission is None or not self.store.exists(self.run_id, layout.EVENTS):
-            return False
+    def _events(self) -> list[dict[str, Any]]:
         import json
 
+        if not self.store.exists(self.run_id, layout.EVENTS):
+            return []
+        out = []
         for line in self.store.read_text(self.run_id, layout.EVENTS).splitlines():
             try:
-                ev = json.loads(line)
+                out.append(json.loads(line))
             except ValueError:
                 continue
-            if ev.get("submission") == self.submission and ev.get("event") in ("started", "resumed", "restarted"):
-                return True
-        return False
+        return out
+
+    def _earlier_start_in_this_submission(self, events: list[dict[str, Any]]) -> bool:
+        if self.submission is None:
+            return False
+        return any(
+            ev.get("submission") == self.submission and ev.get("event") in ("started", "resumed", "restarted")
+            for ev in events
+        )
 
     def _reload_evals(self) -> None:
         """Last and best evaluation from the rows kept on resume (epochs before the checkpoint)."""
@@ -113,8 +127,11 @@ class RunRecorder(Callback):
 
     def on_start(self, info: dict[str, Any]) -> None:
         start_epoch, start_iter = info["start_epoch"], info["start_iteration"]
+        self.iteration = start_iter
+        self.heartbeat.start()
+        events = self._events() if info["resumed"] else []
         if info["resumed"]:
-            kind = "restarted" if self._earlier_start_in_this_submission() else "resumed"
+            kind = "restarted" if self._earlier_start_in_this_submission(events) else "resumed"
             self.train_csv.resume(lambda r: int(r["iteration"]) <= start_iter)
             self.test_csv.resume(lambda r: int(r["epoch"]) < start_epoch)
             self._reload_evals()
@@ -122,12 +139,28 @@ class RunRecorder(Callback):
             kind = "started"
             self.train_csv.flush()
             self.test_csv.flush()
+        world_size = info.get("world_size") or len(self.workers) or 1
+        before = [e.get("world_size") for e in events if e.get("event") in ("started", "resumed", "restarted")]
+        if before and before[-1] and before[-1] != world_size:
+            # an elastic resize (or a fixed-size run resumed elsewhere): the recipe stays N's
+            self.writer.event(
+                "resized",
+                submission=self.submission,
+                from_world_size=before[-1],
+                to_world_size=world_size,
+                epoch=start_epoch,
+                iteration=start_iter,
+                training_workers=info.get("training_workers"),
+                micro_batches_per_step=info.get("micro_batches_per_step"),
+            )
         self.writer.event(
             kind,
             submission=self.submission,
             epoch=start_epoch,
             iteration=start_iter,
-            world_size=len(self.workers) or 1,
+            world_size=world_size,
+            training_workers=info.get("training_workers", world_size),
+            micro_batches_per_step=info.get("micro_batches_per_step", 1),
             hosts=sorted({w.get("hostname") for w in self.workers if w.get("hostname")}),
         )
         env = environment_snapshot()
@@ -137,7 +170,12 @@ class RunRecorder(Callback):
         self.store.write_json(self.run_id, layout.ENVIRONMENT, env)
 
     def on_log(self, record: dict[str, Any]) -> None:
+        self.iteration = record.get("iteration", self.iteration)
         self.train_csv.append({**{k: record.get(k) for k in TRAIN_FIELDS}, "time": utc_now()})
+
+    def on_checkpoint(self, record: dict[str, Any], state) -> None:
+        self.train_csv.flush()
+        self.test_csv.flush()
 
     def on_epoch_end(self, record: dict[str, Any], state) -> None:
         if "top1_err" in record:
@@ -149,6 +187,7 @@ class RunRecorder(Callback):
         self.test_csv.flush()
 
     def on_finish(self, summary: dict[str, Any], model: torch.nn.Module) -> None:
+        self.heartbeat.stop()  # before the last files: the manifest covers its final state
         with tempfile.TemporaryDirectory(prefix="rc-model-") as d:
             path = os.path.join(d, layout.MODEL)
             save_model_file(path, model, self.cfg, summary)

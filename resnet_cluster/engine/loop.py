@@ -45,6 +45,11 @@ class Callback:
         """Every ``checkpoint.every_iterations`` steps within an epoch, on every rank; ``record``
         holds epoch, iteration, epoch_step and lr; ``state()`` resumes at exactly this step."""
 
+    def wants_checkpoint(self, record: dict[str, Any]) -> bool:
+        """Asked on every rank at each log point; True (on every rank alike) takes a mid-epoch
+        checkpoint there (the worker's answer to a node's announced preemption)."""
+        return False
+
     def on_finish(self, summary: dict[str, Any], model: nn.Module) -> None: ...
 
 
@@ -260,12 +265,15 @@ def train_one_epoch(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int | None = None,
+    checkpoint_wanted: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Train ``s.epoch`` from ``s.epoch_step`` until its batches run out or the run's
     ``total_iters`` is reached.
 
     ``on_checkpoint(record)`` is called on every rank after each ``checkpoint_every``-th step of
-    the run that is not the epoch's last (the epoch end has its own checkpoint decision).
+    the run that is not the epoch's last (the epoch end has its own checkpoint decision), and
+    at a log point where ``checkpoint_wanted(record)`` says so (it must answer alike on every
+    rank).
     Returns the epoch's train loss and error (all ranks), the last lr, the iteration reached, and
     ``images_per_sec``: global training images per second of wall time in this run of the epoch.
     """
@@ -318,11 +326,16 @@ def train_one_epoch(
         s.iteration += 1
         s.epoch_step += 1
         prog.steps_in_window += 1
-        if s.iteration % log_every == 0:
+        logged = s.iteration % log_every == 0
+        if logged:
             flush_window()
         more = s.epoch_step < s.iters_per_epoch and s.iteration < s.total_iters
-        if checkpoint_every and on_checkpoint is not None and more and s.iteration % checkpoint_every == 0:
-            on_checkpoint({"epoch": s.epoch, "iteration": s.iteration, "epoch_step": s.epoch_step, "lr": lr})
+        if on_checkpoint is not None and more:
+            record = {"epoch": s.epoch, "iteration": s.iteration, "epoch_step": s.epoch_step, "lr": lr}
+            if checkpoint_every and s.iteration % checkpoint_every == 0:
+                on_checkpoint(record)
+            elif logged and checkpoint_wanted is not None and checkpoint_wanted(record):
+                on_checkpoint({**record, "reason": "preemption"})
     if prog.steps_in_window:
         flush_window()
     elapsed = time.perf_counter() - t_epoch
@@ -538,6 +551,8 @@ def fit(
             on_log=on_log,
             on_checkpoint=on_checkpoint,
             checkpoint_every=cfg.checkpoint.every_iterations,
+            # a list, not any(): every callback is asked (they may hold collectives)
+            checkpoint_wanted=lambda record: any([cb.wants_checkpoint(record) for cb in callbacks]),
         )
         record = {"epoch": epoch, **metrics}
         if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == s.total_epochs:

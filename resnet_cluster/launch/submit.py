@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.heartbeat import Heartbeat
 from resnet_cluster.artifacts.manifest import write_manifest
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.run import RunWriter
@@ -178,6 +179,8 @@ def submit(
     from ray.util.queue import Queue
 
     nodes_before = failures.alive_nodes()  # to name the nodes a failed run lost
+    # "running" means driven: runs list shows `lost` once this stops (artifacts.heartbeat)
+    driver_beat = Heartbeat(store, run_id, "driver")
     progress_q = Queue(actor_options={"num_cpus": 0}) if on_progress else None
     stop = threading.Event()
 
@@ -203,6 +206,7 @@ def submit(
             stopped_recorded.append(writer.event("stopped", submission=submission, reason="interrupted (SIGINT)"))
 
     try:
+        driver_beat.start()
         trainer = build_trainer(
             cfg, run_id=run_id, store=store, submission=submission, progress_queue=progress_q, callbacks=callbacks
         )
@@ -224,6 +228,7 @@ def submit(
             raise user from None
         raise RunFailed(msg, run_id=run_id, uri=store.run_uri(run_id)) from e
     finally:
+        driver_beat.stop()
         stop.set()
         if pump_thread:
             pump_thread.join(timeout=5)
