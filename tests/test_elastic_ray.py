@@ -30,10 +30,10 @@ JOB = [
     "--set", "scaling.resize_check_s=5", "--set", "failure.start_timeout_s=20",
     "--set", "failure.max_failures=4",
     "--set", "data.synthetic_train=640", "--set", "data.synthetic_test=128",
-    "--set", "train.iterations=60", "--set", "train.log_every_iterations=2",
+    "--set", "train.iterations=240", "--set", "train.log_every_iterations=4",
     "--set", "checkpoint.every_iterations=4", "--set", "checkpoint.keep=3",
-    "--set", "schedule.milestones=[40]",
-]  # fmt: skip  -- 10 iterations per epoch of 64 images (2 x 32)
+    "--set", "schedule.milestones=[160]",
+]  # fmt: skip  -- 10 iterations per epoch of 64 images (2 x 32); long enough to grow back
 
 pytestmark = pytest.mark.ray
 
@@ -75,23 +75,20 @@ def test_elastic_run_shrinks_grows_and_matches_the_uninterrupted_recipe(two_node
     time.sleep(6)  # let the checkpoint's report finish (RAY-NOTES: a kill within ~1 s can lose it)
     c["second"].kill()  # the whole second node
     _wait("the resize to 1 worker", lambda: (2, 1) in _resizes(c), 400)
-    at_one = len(_checkpoints(c))
-    # training goes on at one worker: new checkpoints are reported at world size 1
-    _wait("a checkpoint at 1 worker", lambda: len(_checkpoints(c)) > at_one, 300)
-    start1 = next(e for e in events(c, RUN) if e["event"] in ("restarted", "resumed") and e["world_size"] == 1)
-    assert start1["micro_batches_per_step"] == 2 and start1["training_workers"] == 1
-
-    add_second_node(c)  # capacity comes back
+    add_second_node(c)  # capacity comes back (a node takes about a minute to start here)
     _wait("the resize back to 2 workers", lambda: (1, 2) in _resizes(c), 300)
     _wait("the run to finish", lambda: (run_dir(c, RUN) / "manifest.json").exists(), 400)
 
     evs = events(c, RUN)
+    # training went on at one worker, 2 micro-batches per step: the group that grew back
+    # resumed from a checkpoint that the 1-worker group took, further on
+    one = next(e for e in evs if e["event"] in ("restarted", "resumed") and e["world_size"] == 1)
+    assert one["micro_batches_per_step"] == 2 and one["training_workers"] == 1
+    grown = next(e for e in evs if e["event"] == "resized" and e["to_world_size"] == 2)
+    assert grown["iteration"] > one["iteration"] and grown["micro_batches_per_step"] == 1
     assert [e["event"] for e in evs if e["event"] in ("finished", "failed")] == ["finished"]
     sizes = [e["world_size"] for e in evs if e["event"] in ("started", "resumed", "restarted")]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2
-    # the CSV reads as one run: every log point once, in order, to the end
-    its = [int(r["iteration"]) for r in _rows(c)]
-    assert its == list(range(2, 61, 2))
     shown = cli(c, "runs", "show", RUN, "--json")
     assert shown.returncode == 0 and [(r["from_world_size"], r["to_world_size"])
                                       for r in json.loads(shown.stdout)["resizes"]][:2] == [(2, 1), (1, 2)]
@@ -106,6 +103,11 @@ def test_elastic_run_shrinks_grows_and_matches_the_uninterrupted_recipe(two_node
     cfg = from_dict(yaml.safe_load((run_dir(c, RUN) / "config.yaml").read_text()))
 
     class Keep(Callback):
+        logs: list = []
+
+        def on_log(self, record):
+            self.logs.append(record)
+
         def on_finish(self, summary, model):
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -114,5 +116,13 @@ def test_elastic_run_shrinks_grows_and_matches_the_uninterrupted_recipe(two_node
     fit(cfg, callbacks=[keep])
     got = torch.load(run_dir(c, RUN) / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
     assert got.keys() == keep.weights.keys()
+    # Halving a gradient is exact in floating point, so 2 DDP workers ((g0 + g1) / 2) and one
+    # worker accumulating (g0 / 2 + g1 / 2) agree to the bit here; the bound leaves room for
+    # reduction order on other hardware.
     worst = max((got[k].double() - keep.weights[k].double()).abs().max().item() for k in got)
-    assert worst < 1e-3, worst
+    assert worst < 1e-5, worst
+    # the CSV reads as one run: the uninterrupted run's log points, each once, in order, with
+    # its losses (rows past the checkpoint a resize restarted from were dropped and redone)
+    rows = _rows(c)
+    assert [int(r["iteration"]) for r in rows] == [r["iteration"] for r in keep.logs]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in keep.logs], abs=1e-5)
