@@ -8,7 +8,11 @@
 RunRecorder: ``training_loss.csv`` gets one row per log window and ``testing_error.csv`` one row per
 evaluation; both are uploaded while training runs (at most every few seconds, and at every
 epoch end), so a user can plot a run that is still going. On resume, rows logged after the
-checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run.
+checkpoint being resumed are dropped, so each CSV reads as one uninterrupted run. Both are
+uploaded at every checkpoint too (epoch end or mid-epoch), so a run resumed from a mid-epoch
+checkpoint has every row up to it. Rank 0 also keeps ``heartbeat.rank0.json`` fresh (see
+``artifacts.heartbeat``) and records each world-size change of an elastic run as a ``resized``
+event.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.heartbeat import Heartbeat
 from resnet_cluster.artifacts.provenance import environment_snapshot
 from resnet_cluster.artifacts.registry import parse_events, parse_number
 from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
@@ -32,6 +37,9 @@ from resnet_cluster.engine.checkpoint import save_train_state
 from resnet_cluster.models.files import save_model_file
 
 log = logging.getLogger(__name__)
+
+# Rank 0 asks Ray whether a node of the run is about to be preempted every this many log windows.
+PREEMPTION_CHECK_WINDOWS = 5
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "train_err", "lr", "images_per_sec", "time"]
 TEST_FIELDS = [
@@ -67,13 +75,20 @@ class RunRecorder(Callback):
         self.test_csv = CsvLog(self.store, run_id, layout.TEST_CSV, TEST_FIELDS, min_interval_s=csv_interval_s)
         self.last_eval: dict[str, Any] = {}
         self.best_eval: dict[str, Any] = {}
+        self.iteration: int | None = None
+        self.heartbeat = Heartbeat(self.store, run_id, "rank0", fields=lambda: {"iteration": self.iteration})
 
-    def _earlier_start_in_this_submission(self) -> bool:
-        if self.submission is None or not self.store.exists(self.run_id, layout.EVENTS):
+    def _events(self) -> list[dict[str, Any]]:
+        if not self.store.exists(self.run_id, layout.EVENTS):
+            return []
+        return parse_events(self.store.read_text(self.run_id, layout.EVENTS))
+
+    def _earlier_start_in_this_submission(self, events: list[dict[str, Any]]) -> bool:
+        if self.submission is None:
             return False
         return any(
             ev.get("submission") == self.submission and ev.get("event") in ("started", "resumed", "restarted")
-            for ev in parse_events(self.store.read_text(self.run_id, layout.EVENTS))
+            for ev in events
         )
 
     def _reload_evals(self) -> None:
@@ -91,8 +106,11 @@ class RunRecorder(Callback):
 
     def on_start(self, info: dict[str, Any]) -> None:
         start_epoch, start_iter = info["start_epoch"], info["start_iteration"]
+        self.iteration = start_iter
+        self.heartbeat.start()
+        events = self._events() if info["resumed"] else []
         if info["resumed"]:
-            kind = "restarted" if self._earlier_start_in_this_submission() else "resumed"
+            kind = "restarted" if self._earlier_start_in_this_submission(events) else "resumed"
             self.train_csv.resume(lambda r: int(r["iteration"]) <= start_iter)
             self.test_csv.resume(lambda r: int(r["epoch"]) < start_epoch)
             self._reload_evals()
@@ -100,12 +118,28 @@ class RunRecorder(Callback):
             kind = "started"
             self.train_csv.flush()
             self.test_csv.flush()
+        world_size = info.get("world_size") or len(self.workers) or 1
+        before = [e.get("world_size") for e in events if e.get("event") in ("started", "resumed", "restarted")]
+        if before and before[-1] and before[-1] != world_size:
+            # an elastic resize (or a fixed-size run resumed elsewhere): the recipe stays N's
+            self.writer.event(
+                "resized",
+                submission=self.submission,
+                from_world_size=before[-1],
+                to_world_size=world_size,
+                epoch=start_epoch,
+                iteration=start_iter,
+                training_workers=info.get("training_workers"),
+                micro_batches_per_step=info.get("micro_batches_per_step"),
+            )
         self.writer.event(
             kind,
             submission=self.submission,
             epoch=start_epoch,
             iteration=start_iter,
-            world_size=len(self.workers) or 1,
+            world_size=world_size,
+            training_workers=info.get("training_workers", world_size),
+            micro_batches_per_step=info.get("micro_batches_per_step", 1),
             hosts=sorted({w.get("hostname") for w in self.workers if w.get("hostname")}),
         )
         env = environment_snapshot()
@@ -115,7 +149,12 @@ class RunRecorder(Callback):
         self.store.write_json(self.run_id, layout.ENVIRONMENT, env)
 
     def on_log(self, record: dict[str, Any]) -> None:
+        self.iteration = record.get("iteration", self.iteration)
         self.train_csv.append({**{k: record.get(k) for k in TRAIN_FIELDS}, "time": utc_now()})
+
+    def on_checkpoint(self, record: dict[str, Any], state) -> None:
+        self.train_csv.flush()
+        self.test_csv.flush()
 
     def on_epoch_end(self, record: dict[str, Any], state) -> None:
         if "top1_err" in record:
@@ -127,6 +166,7 @@ class RunRecorder(Callback):
         self.test_csv.flush()
 
     def on_finish(self, summary: dict[str, Any], model: torch.nn.Module) -> None:
+        self.heartbeat.stop()  # before the last files: the manifest covers its final state
         with tempfile.TemporaryDirectory(prefix="rc-model-") as d:
             path = os.path.join(d, layout.MODEL)
             save_model_file(path, model, self.cfg, summary)
@@ -199,23 +239,35 @@ def _numbers(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class RayReporter(Callback):
-    """Calls ``ray.train.report`` once per epoch on every rank (it is a barrier), attaching a
-    checkpoint from rank 0 every ``checkpoint.every_epochs`` and at the end."""
+    """Calls ``ray.train.report`` once per epoch and once per mid-epoch checkpoint on every rank
+    (it is a barrier), attaching a checkpoint from rank 0 every ``checkpoint.every_epochs``,
+    every ``checkpoint.every_iterations`` steps, when a node's preemption is announced, and at
+    the end.
+
+    Uploads are asynchronous by default (``checkpoint.upload: async``,
+    ``CheckpointUploadMode.ASYNC``): rank 0 writes ``train_state.pt``
+    to a local folder and goes on training while Ray Train copies it to the store and deletes
+    the folder; the checkpoint is registered (and becomes what a restart resumes from) only
+    once its upload has finished, so a failed or interrupted upload leaves the previous
+    checkpoint in charge. A failed upload fails the worker group (Ray Train raises it in the
+    training thread), which restarts from that previous checkpoint.
+    """
 
     def __init__(self, cfg: JobConfig, ctx: WorkerContext):
         self.cfg, self.ctx, self.total_epochs = cfg, ctx, 0
+        self.upload = cfg.checkpoint.upload
+        self.preemption_seen: set[tuple] = set()
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.total_epochs = info["total_epochs"]
 
-    def on_epoch_end(self, record, state) -> None:
+    def _report(self, metrics: dict[str, Any], state, name: str | None) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
-        epoch = record["epoch"]
-        due = (epoch + 1) % self.cfg.checkpoint.every_epochs == 0 or epoch + 1 == self.total_epochs
-        metrics = _numbers(record)
-        if not (due and self.ctx.is_main):
-            ray.train.report(metrics)
+        mode = CheckpointUploadMode.ASYNC if self.upload == "async" else CheckpointUploadMode.SYNC
+        if name is None or not self.ctx.is_main:
+            ray.train.report(metrics, checkpoint_upload_mode=mode)
             return
         tmp = tempfile.mkdtemp(prefix="rc-ckpt-")
         try:
@@ -223,10 +275,53 @@ class RayReporter(Callback):
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+                checkpoint_dir_name=name,
+                checkpoint_upload_mode=mode,
+                # Ray deletes the folder after the upload (async: in its upload thread)
+                delete_local_checkpoint_after_upload=True,
             )
-        finally:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if mode == CheckpointUploadMode.SYNC:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def on_epoch_end(self, record, state) -> None:
+        epoch, k = record["epoch"], self.cfg.checkpoint.every_iterations
+        due = (
+            (epoch + 1) % self.cfg.checkpoint.every_epochs == 0
+            or epoch + 1 == self.total_epochs
+            or (k is not None and record["iteration"] % k == 0)
+        )
+        self._report(_numbers(record), state, f"epoch_{epoch + 1:05d}" if due else None)
+
+    def on_checkpoint(self, record, state) -> None:
+        self._report(_numbers(record), state, f"iter_{record['iteration']:09d}")
+
+    def wants_checkpoint(self, record: dict[str, Any]) -> bool:
+        """True once per announced preemption of a node this run uses (every rank gets the
+        same answer: ``ray.train.get_preemption_info`` agrees on one value, a barrier).
+
+        Asked every PREEMPTION_CHECK_WINDOWS log windows (100 iterations by default), the same
+        iterations on every rank: each ask is a cross-worker barrier through Ray, too dear for
+        every step, and a notice comes about 120 s before the node goes.
+        """
+        import ray.train
+
+        if record["iteration"] % (PREEMPTION_CHECK_WINDOWS * self.cfg.train.log_every_iterations):
+            return False
+
+        get = getattr(ray.train, "get_preemption_info", None)
+        if get is None:  # a Ray without the preemption watcher (before 2.57)
+            return False
+        info = get()
+        if info is None:
+            return False
+        key = (tuple(sorted(info.preempted_node_to_ranks)), info.deadline_ms)
+        if key in self.preemption_seen:
+            return False
+        self.preemption_seen.add(key)
+        return True
 
 
 class ProgressForwarder(Callback):

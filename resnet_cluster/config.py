@@ -221,10 +221,19 @@ def gpu_share_problem(workers: int, use_gpu: bool, gpus_per_worker: float) -> st
             "sweep trial, trial_resources gpu) that shares a GPU"
         )
     return None
+class WorkersRange(_Section):
+    """``scaling.workers: {min: M, max: N}``: an elastic run on M..N workers (Ray Train's
+    ``ScalingConfig(num_workers=(M, N))``). The recipe is that of N workers at every size: each
+    optimizer step is N micro-batches of ``train.batch_size / N`` images; W < N workers each
+    accumulate N / W of them (see ``engine.accumulation``)."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
 
 
 class ScalingSection(_Section):
-    workers: int = Field(2, ge=1)
+    # An integer (a fixed-size run), or {min: M, max: N} (elastic; see WorkersRange).
+    workers: int | WorkersRange = 2
     use_gpu: bool = False
     # GPUs per worker: 1, or a fraction of one GPU for a single-worker job (gpu_share_problem).
     gpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
@@ -238,18 +247,64 @@ class ScalingSection(_Section):
     # `node_resource`, which every worker node declares as 1 (infra/aws/cluster.yaml does).
     workers_per_node: int | None = Field(None, ge=1)
     node_resource: str = "worker_node"
+    # Elastic runs: how often (seconds) Ray Train looks for room to grow back towards max
+    # (ScalingConfig.elastic_resize_monitor_interval_s, Ray's default 60).
+    resize_check_s: float = Field(60.0, ge=0)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        # One message for either form, rather than pydantic's error per union member.
+        def count(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        if isinstance(v, WorkersRange) or count(v):
+            return v
+        if isinstance(v, dict):
+            if set(v) != {"min", "max"} or not all(count(x) for x in v.values()):
+                raise ValueError("a range takes exactly the keys min and max, each a number of "
+                                 "workers (1 or more), e.g. {min: 4, max: 8}")
+            if v["min"] > v["max"]:
+                raise ValueError(f"min {v['min']} is above max {v['max']}")
+            return v
+        raise ValueError("must be a number of workers (1 or more), or a range {min: M, max: N}")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, WorkersRange) and self.workers.min < self.workers.max
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers.min if isinstance(self.workers, WorkersRange) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        """N: the world size the recipe is written for (micro-batches per optimizer step)."""
+        return self.workers.max if isinstance(self.workers, WorkersRange) else self.workers
+
+    def describe_workers(self) -> str:
+        """``8``, or ``4-8 (elastic)``: how --dry-run and the run's records show the size."""
+        if self.elastic:
+            return f"{self.min_workers}-{self.max_workers} (elastic)"
+        return str(self.max_workers)
 
     @model_validator(mode="after")
     def _per_node(self) -> ScalingSection:
-        problem = gpu_share_problem(self.workers, self.use_gpu, self.gpus_per_worker)
+        problem = gpu_share_problem(self.max_workers, self.use_gpu, self.gpus_per_worker)
         if problem:
             raise ValueError(problem)
         if self.workers_per_node is not None:
-            if self.workers % self.workers_per_node:
-                raise ValueError(
-                    f"scaling.workers {self.workers} is not a multiple of scaling.workers_per_node "
-                    f"{self.workers_per_node}"
-                )
+            # With a range, nodes come and go whole: Ray Train counts workers as whole
+            # per-node bundles (1/workers_per_node of node_resource each), so both ends must be
+            # whole nodes.
+            for end, n in (("min", self.min_workers), ("max", self.max_workers)):
+                if n % self.workers_per_node:
+                    what = f"scaling.workers {end}" if self.elastic else "scaling.workers"
+                    raise ValueError(
+                        f"{what} {n} is not a multiple of scaling.workers_per_node "
+                        f"{self.workers_per_node}"
+                        + (" (with a range, workers come and go a whole node at a time)" if self.elastic else "")
+                    )
             if self.placement == "STRICT_SPREAD" and self.workers_per_node > 1:
                 raise ValueError("scaling.placement STRICT_SPREAD puts one worker per node; "
                                  "drop scaling.workers_per_node or use PACK")
@@ -258,7 +313,13 @@ class ScalingSection(_Section):
 
 class CheckpointConfig(_Section):
     every_epochs: int = Field(1, ge=1)
+    # Also checkpoint every K optimizer steps (mid-epoch; resumes at the exact position in the
+    # epoch's order). null: at epoch ends only.
+    every_iterations: int | None = Field(None, ge=1)
     keep: int = Field(2, ge=1)
+    # async: rank 0 hands the checkpoint to Ray Train's upload thread and trains on
+    # (ray.train.report(checkpoint_upload_mode=ASYNC)); sync: every rank waits for the upload.
+    upload: Literal["async", "sync"] = "async"
 
 
 class FailureSection(_Section):
@@ -357,12 +418,20 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
-        w, b = self.scaling.workers, self.train.batch_size
+        w, b = self.scaling.max_workers, self.train.batch_size
         if b % w:
+            field = "scaling.workers max" if self.scaling.elastic else "scaling.workers"
             raise ValueError(
-                f"train.batch_size {b} does not split evenly over scaling.workers {w}; "
+                f"train.batch_size {b} does not split evenly over {field} {w}; "
                 f"choose a batch that is a multiple of {w} (the batch is global, "
                 f"{b}/{w} = {b / w:g} images per worker)"
+            )
+        if self.scaling.elastic and self.bn.sync:
+            raise ValueError(
+                "bn.sync with a scaling.workers range: SyncBatchNorm normalises over the "
+                "micro-batches of all workers at once, so its statistics would change with the "
+                "world size (the recipe would not be exact). Use a fixed scaling.workers or "
+                "bn.sync: false"
             )
         if self.precision.amp == "fp16" and not self.scaling.use_gpu:
             raise ValueError("precision.amp fp16 needs scaling.use_gpu: true; use bf16 on CPUs")
@@ -378,7 +447,8 @@ class JobConfig(_Section):
 
     @property
     def per_worker_batch(self) -> int:
-        return self.train.batch_size // self.scaling.workers
+        """Images per worker per step at the full size N; with fewer workers, the micro-batch."""
+        return self.train.batch_size // self.scaling.max_workers
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -6,7 +6,8 @@ Status rules (a run is never "finished" without a manifest):
   "incomplete" if the summary is missing or says something else;
 - no manifest: "failed" if the last lifecycle event is ``failed``, "running" if it is
   submitted/started/resumed/restarted, else "incomplete". Non-lifecycle events (e.g.
-  "checkpoint") are ignored for this.
+  "checkpoint") are ignored for this. A "running" run whose newest heartbeat is stale is
+  "lost" (see ``artifacts.heartbeat``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import difflib
 import json
 from typing import Any
 
-from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts import heartbeat, layout
 from resnet_cluster.artifacts.manifest import verify_manifest
 from resnet_cluster.artifacts.plots import pyplot
 from resnet_cluster.artifacts.run import FINAL_STATUSES, LIFECYCLE_EVENTS
@@ -31,7 +32,7 @@ class RunRecord:
     run_id: str
     job: str | None
     model: str | None
-    status: str  # finished | failed | stopped | running | incomplete
+    status: str  # finished | failed | stopped | running | lost | incomplete
     epochs: int | None
     iterations: int | None
     best_top1_err: float | None
@@ -88,11 +89,12 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
-_LISTED_FILES = (layout.SUMMARY, layout.EVENTS, layout.CONFIG)
+_LISTED_FILES = (layout.SUMMARY, layout.EVENTS, layout.CONFIG, *heartbeat.FILES)
 
 
-def _parse(names: set[str], blobs: dict[str, bytes]) -> tuple[bool, dict | None, list[dict], dict | None]:
-    """(has_manifest, summary, events, config) from a run's top-level names and file bytes."""
+def _parse(names: set[str], blobs: dict[str, bytes]) -> tuple[bool, dict | None, list[dict], dict | None, bool]:
+    """(has_manifest, summary, events, config, heartbeat stale) from a run's top-level names
+    and file bytes."""
     import yaml
 
     summary = config = None
@@ -111,11 +113,11 @@ def _parse(names: set[str], blobs: dict[str, bytes]) -> tuple[bool, dict | None,
             config = None
         if not isinstance(config, dict):
             config = None
-    return layout.MANIFEST in names, summary, events, config
+    return layout.MANIFEST in names, summary, events, config, heartbeat.is_lost(blobs)
 
 
-def _load(store: ArtifactStore, run_id: str) -> tuple[bool, dict | None, list[dict], dict | None]:
-    """(has_manifest, summary, events, config) reading only those few files."""
+def _load(store: ArtifactStore, run_id: str) -> tuple[bool, dict | None, list[dict], dict | None, bool]:
+    """(has_manifest, summary, events, config, heartbeat stale) reading only those few files."""
     names = set(store.list_top(run_id))
     got = store.read_many([(run_id, n) for n in _LISTED_FILES if n in names])
     return _parse(names, {rel: data for (_, rel), data in got.items()})
@@ -133,12 +135,14 @@ def _sweep_of(summary: dict | None, events: list[dict[str, Any]]) -> str | None:
 
 
 def _record(store: ArtifactStore, run_id: str, loaded) -> RunRecord:
-    has_manifest, summary, events, config = loaded
+    has_manifest, summary, events, config, stale = loaded
     summary_d = summary or {}
     config_d = config or {}
     train = config_d.get("train") if isinstance(config_d.get("train"), dict) else {}
     model = config_d.get("model") if isinstance(config_d.get("model"), dict) else {}
     status = run_status(has_manifest, summary, events)
+    if status == "running" and stale:
+        status = "lost"  # nobody drives it: resume with submit --name
     started = next((e.get("time") for e in events if e.get("event") in ("submitted", "started")), None)
     if started is None and events:
         started = events[0].get("time")
@@ -162,7 +166,7 @@ def _record(store: ArtifactStore, run_id: str, loaded) -> RunRecord:
     )
 
 
-STATUSES = ("finished", "failed", "stopped", "running", "incomplete")
+STATUSES = ("finished", "failed", "stopped", "running", "lost", "incomplete")
 
 
 def get_run(store: ArtifactStore, run_id: str) -> RunRecord | None:
@@ -187,7 +191,7 @@ def list_runs(
     if bad:
         raise StoreError(f"Unknown run status {', '.join(bad)}; use one of {', '.join(STATUSES)}.")
     tops = store.list_tops()
-    first = (layout.SUMMARY, layout.EVENTS)
+    first = (layout.SUMMARY, layout.EVENTS, *heartbeat.FILES)
     got = store.read_many([(rid, n) for rid, names in tops.items() for n in first if n in names])
     blobs: dict[str, dict[str, bytes]] = {}
     for (rid, rel), data in got.items():
@@ -255,11 +259,17 @@ def parse_number(text: str | None) -> Any:
     return text
 
 
+def _heartbeat(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
+    names = set(store.list_top(run_id))
+    got = store.read_many([(run_id, n) for n in heartbeat.FILES if n in names])
+    return heartbeat.newest({rel: data for (_, rel), data in got.items()})
+
+
 def show_run(store: ArtifactStore, run_id: str, *, last_events: int = 20) -> dict[str, Any]:
     """Everything about one run: record, config, summary, last events, files, manifest problems."""
     require_run(store, run_id)
     loaded = _load(store, run_id)
-    _, summary, events, config = loaded
+    _, summary, events, config, _ = loaded
     curve = [
         {k: r.get(k) for k in ("epoch", "iteration", "top1_err", "top5_err")}
         for r in read_csv(store, run_id, layout.TEST_CSV)
@@ -271,6 +281,9 @@ def show_run(store: ArtifactStore, run_id: str, *, last_events: int = 20) -> dic
         "summary": summary,
         "test_error": curve,
         "events": events[-last_events:] if last_events > 0 else [],
+        # every world-size change of an elastic run: {time, from_world_size, to_world_size, iteration, ...}
+        "resizes": [e for e in events if e.get("event") == "resized"],
+        "heartbeat": _heartbeat(store, run_id),
         "files": store.list_files(run_id),
         "manifest_problems": verify_manifest(store, run_id, hashes=False),
     }
@@ -321,7 +334,7 @@ def compare_runs(store: ArtifactStore, run_ids: list[str]) -> dict[str, Any]:
     metrics = {}
     curves = {}
     for rid in run_ids:
-        has_manifest, summary, events, _ = loaded[rid]
+        has_manifest, summary, events, _, stale = loaded[rid]
         rows = read_csv(store, rid, layout.TEST_CSV)
         curves[rid] = [
             {k: r.get(k) for k in ("epoch", "iteration", "top1_err")}
@@ -333,7 +346,8 @@ def compare_runs(store: ArtifactStore, run_ids: list[str]) -> dict[str, Any]:
         if not final and curves[rid]:  # still running: the latest and best evaluation so far
             final = dict(curves[rid][-1])
             best = dict(min(curves[rid], key=lambda r: r["top1_err"]))
-        metrics[rid] = {"status": run_status(has_manifest, summary, events), "final": final, "best": best}
+        status = run_status(has_manifest, summary, events)
+        metrics[rid] = {"status": "lost" if status == "running" and stale else status, "final": final, "best": best}
     return {"runs": list(run_ids), "config_diff": diff, "metrics": metrics, "curves": curves}
 
 

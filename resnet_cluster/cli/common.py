@@ -12,7 +12,7 @@ from rich.console import Console
 STORE_HELP = "Artifact store: a folder or fsspec URI (default: $RESNET_CLUSTER_STORE or ./runs-store)."
 # rich styles of run and trial statuses (runs list, sweep tables)
 STATUS_STYLE = {"finished": "green", "running": "cyan", "failed": "red", "stopped": "yellow",
-                "incomplete": "yellow", "pending": "dim"}  # fmt: skip
+                "incomplete": "yellow", "lost": "magenta", "pending": "dim"}  # fmt: skip
 
 console = Console()
 err_console = Console(stderr=True)

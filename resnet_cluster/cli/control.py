@@ -69,14 +69,17 @@ def status(
     st = ArtifactStore(resolve_store(store))
     addr = _jobs_address(address)
     if target is None:
-        rows = [dataclasses.asdict(r) for r in list_runs(st) if r.status == "running"]
+        # lost: recorded as running, but no heartbeat for minutes (artifacts.heartbeat)
+        rows = [dataclasses.asdict(r) for r in list_runs(st) if r.status in ("running", "lost")]
         if json_out:
             print_json(rows)
         elif not rows:
             console.print(f"No running runs in {st.root}.")
         else:
             for r in rows:
-                console.print(f"{r['run_id']}: running, {r['epochs'] or 0} epochs, best {fmt_err(r['best_top1_err'])}")
+                hint = f" (resume: submit <job> --name {r['run_id']})" if r["status"] == "lost" else ""
+                console.print(f"{r['run_id']}: {r['status']}, {r['epochs'] or 0} epochs, "
+                              f"best {fmt_err(r['best_top1_err'])}{hint}")
         return
     doc: dict = {"target": target}
     rec = _run_record(st, target)

@@ -33,7 +33,7 @@ def list_runs(
     endpoint_url: Optional[str] = typer.Option(None, help=ENDPOINT_HELP),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Only the runs of this sweep id."),
     status: Optional[list[str]] = typer.Option(
-        None, "--status", help="Only runs with this status (finished, failed, stopped, running, incomplete); repeatable."
+        None, "--status", help="Only runs with this status (finished, failed, stopped, running, lost, incomplete); repeatable."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -105,7 +105,21 @@ def show(
         head.add_row("scaling", f"{s.get('workers')} workers, gpu={s.get('use_gpu')}")
     head.add_row("started", str(rec["started"]))
     head.add_row("finished", str(rec["finished"]))
+    beat = info.get("heartbeat")
+    if beat:
+        head.add_row("last heartbeat", f"{beat.get('time')} ({beat.get('who')}"
+                     + (f", iteration {beat['iteration']}" if beat.get("iteration") is not None else "") + ")")
+    if rec["status"] == "lost":
+        head.add_row("resume", f"resnet-cluster submit <job> --name {run}   (no heartbeat: nobody drives this run)")
     console.print(head)
+    if info.get("resizes"):
+        rt = Table(title="Resizes (elastic)")
+        for col in ("time", "iteration", "workers", "training", "micro-batches per step"):
+            rt.add_column(col)
+        for e in info["resizes"]:
+            rt.add_row(str(e.get("time")), str(e.get("iteration")), f"{e.get('from_world_size')} -> {e.get('to_world_size')}",
+                       str(e.get("training_workers")), str(e.get("micro_batches_per_step")))
+        console.print(rt)
     if summary:
         final, best = summary.get("final", {}), summary.get("best", {})
         mt = Table(title="Metrics")

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from resnet_cluster.cli.common import console, err_console, fmt_err, fmt_num, print_json, reserve_stdout_for_json
 from resnet_cluster.cli.progress import PlainProgress
+from resnet_cluster.errors import ConfigError
 
 
 class LiveDisplay:
@@ -92,12 +93,22 @@ def _summary_table(result: dict[str, Any]) -> Table:
     return t
 
 
+def workers_override(text: str) -> str:
+    """``--workers 8`` -> scaling.workers=8; ``--workers 4-8`` -> scaling.workers={min: 4, max: 8}."""
+    lo, sep, hi = text.partition("-")
+    if lo.strip().isdigit() and (not sep or hi.strip().isdigit()):
+        return f"scaling.workers={{min: {lo.strip()}, max: {hi.strip()}}}" if sep else f"scaling.workers={lo.strip()}"
+    raise ConfigError(f"--workers {text!r}: give a number of workers (8) or a range MIN-MAX (4-8).")
+
+
 def submit(
     job: str = typer.Argument(..., help="The job file, e.g. jobs/smoke.yaml."),
     set_: List[str] = typer.Option(
         [], "--set", help="Override a field: --set optim.lr=0.01 (value parsed as YAML). Repeatable."
     ),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Shorthand for --set scaling.workers=N."),
+    workers: Optional[str] = typer.Option(
+        None, "--workers", help="Shorthand for --set scaling.workers=N; M-N for an elastic range {min: M, max: N}."
+    ),
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)."
     ),
@@ -122,7 +133,7 @@ def submit(
     from resnet_cluster.launch.submit import submit as run_submit
     from resnet_cluster.launch.trainer import scaling_plan
 
-    overrides = list(set_) + ([f"scaling.workers={workers}"] if workers is not None else [])
+    overrides = list(set_) + ([workers_override(workers)] if workers is not None else [])
     cfg = jobs.load(job, overrides)
     if name is not None:
         from resnet_cluster.artifacts.layout import validate_run_id
@@ -136,9 +147,15 @@ def submit(
             return
         console.print(Panel(Syntax(cfg.to_yaml(), "yaml", theme="ansi_dark"), title=f"resolved job: {job}"))
         t = Table(title="Ray Train scaling plan", show_header=False)
-        t.add_row("workers", str(plan["workers"]))
+        t.add_row("workers", cfg.scaling.describe_workers())
         t.add_row("global batch", str(plan["global_batch"]))
         t.add_row("per-worker batch", str(plan["per_worker_batch"]))
+        for size in plan.get("elastic", {}).get("sizes", []):
+            t.add_row(
+                f"at {size['workers']} workers",
+                f"{size['training_workers']} train, {size['micro_batches_per_worker']} micro-batches of "
+                f"{plan['per_worker_batch']} each per step (global batch {plan['global_batch']})",
+            )
         t.add_row("resources per worker", ", ".join(f"{k}={v:g}" for k, v in plan["resources_per_worker"].items()))
         t.add_row("total resources", ", ".join(f"{k}={v:g}" for k, v in plan["total_resources"].items()))
         t.add_row("DDP backend", plan["backend"])

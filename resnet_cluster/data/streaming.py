@@ -25,6 +25,13 @@ Each image's random crop, flip and lighting are drawn from (seed, epoch, image i
 they do not depend on the rank, the number of ranks or workers, or the serving order. The order
 in which one rank sees its batches does depend on the worker count (the round-robin), the set
 does not.
+
+Elastic runs (``accumulate`` m > 1): the epoch is cut for ``world_size * m`` "slots" and rank r
+serves slots r*m .. r*m+m-1 together, its batch i being the concatenation of those slots' i-th
+plan batches. The DataLoader serves plan positions in the same round-robin order whatever m is
+(same plan length, same worker count), so serving step j is the same images for every slot at
+any world size. A pass can start at serving step ``start`` (a run resumed mid-epoch): see
+:func:`served_order`.
 """
 
 from __future__ import annotations
@@ -106,8 +113,9 @@ class _Reader(torch.utils.data.IterableDataset):
 
     def __init__(self, split: Split, *, batch_size: int, rank: int, world_size: int, seed: int,
                  train: bool, view: str, augment: str, eigval, eigvec, lighting_std: float,
-                 shuffle_shards: int, verify: bool) -> None:
+                 shuffle_shards: int, verify: bool, accumulate: int = 1) -> None:
         self.split = split
+        self.accumulate = accumulate
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.train, self.view, self.augment = train, view, augment
         self.raw = split.encoding == "raw"
@@ -116,8 +124,10 @@ class _Reader(torch.utils.data.IterableDataset):
         self.eigval = None if eigval is None else np.asarray(eigval, np.float64)
         self.eigvec = None if eigvec is None else np.asarray(eigvec, np.float64)
         self.shuffle_shards, self.verify = shuffle_shards, verify
-        # The epoch, shared with the worker processes forked once at the first pass.
+        # The epoch and the serving step a pass starts at, shared with the worker processes
+        # forked once at the first pass.
         self._epoch = (_FORK or multiprocessing).RawValue("q", 0)
+        self._start = (_FORK or multiprocessing).RawValue("q", 0)
 
     @property
     def epoch(self) -> int:
@@ -127,24 +137,37 @@ class _Reader(torch.utils.data.IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.value = int(value)
 
+    @property
+    def start(self) -> int:
+        return int(self._start.value)
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._start.value = int(value)
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of global image ids for ``epoch``."""
-        ids = rank_slice(
-            epoch_order(self.split, seed=self.seed, epoch=epoch, shuffle=self.train,
-                        shuffle_shards=self.shuffle_shards),
-            rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-            train=self.train)
-        b = self.batch_size
-        return [ids[i:i + b] for i in range(0, len(ids), b)]
+        order = epoch_order(self.split, seed=self.seed, epoch=epoch, shuffle=self.train,
+                            shuffle_shards=self.shuffle_shards)
+        b, m = self.batch_size, self.accumulate
+        slots = []
+        for k in range(self.rank * m, self.rank * m + m):
+            ids = rank_slice(order, rank=k, world_size=self.world_size * m, batch_size=b,
+                             train=self.train)
+            slots.append([ids[i:i + b] for i in range(0, len(ids), b)])
+        return slots[0] if m == 1 else [np.concatenate(parts) for parts in zip(*slots)]
 
     def __iter__(self):
-        epoch = self.epoch  # read when the pass starts: set_epoch came before it
+        epoch, start = self.epoch, self.start  # read when the pass starts (after set_epoch)
         batches = self.plan(epoch)
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         n = len(batches)
+        blocks = [range(v * n // nw, (v + 1) * n // nw) for v in range(nw)]
+        if start:
+            blocks = resumed_blocks(blocks, start)
         try:
-            yield from self._build_batches(batches[w * n // nw:(w + 1) * n // nw], epoch)
+            yield from self._build_batches([batches[i] for i in blocks[w]], epoch)
         except DataError as err:
             if info is None:
                 raise
@@ -214,6 +237,29 @@ class _Reader(torch.utils.data.IterableDataset):
         return torch.from_numpy(x), labels, None, params
 
 
+def served_order(blocks: list[range]) -> list[int]:
+    """The plan positions a DataLoader serves, in order, when worker v yields ``blocks[v]``.
+
+    PyTorch's DataLoader asks its workers in turn and skips a worker once it has run out
+    (``_MultiProcessingDataLoaderIter._try_put_index`` / ``_next_data``), so it serves the
+    blocks round-robin: position r of every block that has one, for r = 0, 1, ...
+    """
+    return [b[r] for r in range(max((len(b) for b in blocks), default=0)) for b in blocks if r < len(b)]
+
+
+def resumed_blocks(blocks: list[range], start: int) -> list[list[int]]:
+    """What each DataLoader worker yields so that a pass serves ``served_order(blocks)[start:]``:
+    every worker drops the positions already served, and the workers are rotated so that the
+    one whose turn it was comes first (the DataLoader always asks worker 0 first)."""
+    served = served_order(blocks)
+    if start >= len(served):
+        return [[] for _ in blocks]
+    done = set(served[:start])
+    first = next(v for v, b in enumerate(blocks) if served[start] in b)
+    rest = [[i for i in b if i not in done] for b in blocks]
+    return [rest[(first + v) % len(blocks)] for v in range(len(blocks))]
+
+
 class ShardBatches:
     """Iterable over this rank's (x, y) batches of a sharded split; ``len()`` batches per epoch.
 
@@ -233,13 +279,17 @@ class ShardBatches:
                  mean, eigval=None, eigvec=None,
                  lighting_std: float = 0.1, loader_workers: int = 0, prefetch_batches: int = 2,
                  shuffle_shards: int = 2, verify: bool = True,
-                 device: str | torch.device = "cpu", channels_last: bool = False) -> None:
+                 device: str | torch.device = "cpu", channels_last: bool = False,
+                 accumulate: int = 1) -> None:
         if augment not in AUGMENTS:
             raise DataError(f"data.augment is {augment!r}; choose one of {list(AUGMENTS)}.")
         if view not in VIEWS:
             raise ValueError(f"view {view!r} not in {VIEWS}")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or accumulate < 1:
+            raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+                             f"accumulate={accumulate}")
+        if accumulate > 1 and not train:
+            raise ValueError("accumulate is for training batches")
         if split.encoding == "raw" and (view in ("10crop", "multiscale") or augment == "inception"):
             raise DataError(
                 f"the {split.dataset} images at {split.root} are {'x'.join(map(str, split.shape))}"
@@ -250,7 +300,10 @@ class ShardBatches:
         self.reader = _Reader(split, batch_size=batch_size, rank=rank, world_size=world_size,
                               seed=seed, train=train, view=view, augment=augment, eigval=eigval,
                               eigvec=eigvec, lighting_std=lighting_std,
-                              shuffle_shards=shuffle_shards, verify=verify)
+                              shuffle_shards=shuffle_shards, verify=verify,
+                              accumulate=accumulate)
+        self.accumulate = accumulate
+        slot_world = world_size * accumulate
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.train, self.view, self.augment = train, view, augment
         self.loader_workers, self.prefetch_batches = loader_workers, prefetch_batches
@@ -260,19 +313,21 @@ class ShardBatches:
         m = np.asarray(mean, np.float32)
         m = m.reshape(3, 1, 1) if m.ndim == 1 else m  # per channel, or per pixel [3, H, W]
         self.mean = torch.from_numpy(m).to(self.device)
-        self.epoch = 0
+        self.epoch = self.start = 0
         self.yield_ids = False  # when True, batches are (x, y, ids): for checks and tests
         self._loader: torch.utils.data.DataLoader | None = None
-        if train and split.num_images // world_size < batch_size:
+        if train and split.num_images // slot_world < batch_size:
             raise DataError(
                 f"the training split at {split.root} has {split.num_images} images, fewer than "
-                f"one batch of {batch_size} per worker on each of {world_size} workers. Lower "
+                f"one batch of {batch_size} per worker on each of {slot_world} workers. Lower "
                 "train.batch_size or scaling.workers, or prepare more images."
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.reader.epoch = self.epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch the next pass serves, from serving step ``start`` (> 0: a run resumed
+        mid-epoch skips exactly the batches it has trained on)."""
+        self.epoch, self.start = int(epoch), int(start)
+        self.reader.epoch, self.reader.start = self.epoch, self.start
 
     def plan(self) -> list[np.ndarray]:
         """This rank's batches of global image ids for the current epoch."""
@@ -281,7 +336,7 @@ class ShardBatches:
     def __len__(self) -> int:
         n = self.split.num_images
         if self.train:
-            return (n // self.world_size) // self.batch_size
+            return (n // (self.world_size * self.accumulate)) // self.batch_size
         per = (self.rank + 1) * n // self.world_size - self.rank * n // self.world_size
         return -(-per // self.batch_size)
 
@@ -295,7 +350,7 @@ class ShardBatches:
     # ---- runs in the training process -----------------------------------------------------
 
     def _raw(self) -> Iterator:
-        self.reader.epoch = self.epoch
+        self.reader.epoch, self.reader.start = self.epoch, self.start
         if self.loader_workers == 0:
             return iter(self.reader)
         if self._loader is None:
@@ -352,8 +407,10 @@ def default_decoders(cpus_per_worker: float) -> int:
 
 
 def build_shard_loaders(cfg, *, rank: int, world_size: int,
-                        device: str | torch.device = "cpu"):
-    """(train, test, info) for ``data.dataset`` imagenet or cifar10, read from ``data.root``."""
+                        device: str | torch.device = "cpu",
+                        train_share: tuple[int, int, int] | None = None):
+    """(train, test, info) for ``data.dataset`` imagenet or cifar10, read from ``data.root``;
+    ``train_share`` as in :func:`resnet_cluster.data.loaders.build_loaders_for`."""
     root, d = cfg.data.root, cfg.data
     dataset = get_dataset(d.dataset)
     manifest = read_manifest(root, d.dataset)
@@ -362,7 +419,8 @@ def build_shard_loaders(cfg, *, rank: int, world_size: int,
     if workers is None:  # measured: raw CIFAR batches are cheaper in-process than through IPC
         raw = manifest.get("image", {}).get("encoding") == "raw"
         workers = 0 if raw else default_decoders(cfg.scaling.cpus_per_worker)
-    common = dict(rank=rank, world_size=world_size, seed=cfg.seed, mean=manifest["mean"],
+    t_rank, t_world, accumulate = train_share or (rank, world_size, 1)
+    common = dict(seed=cfg.seed, mean=manifest["mean"],
                   eigval=pca.get("eigval"), eigvec=pca.get("eigvec"),
                   lighting_std=d.lighting_std, loader_workers=workers,
                   prefetch_batches=d.prefetch_batches, shuffle_shards=d.shuffle_shards,
@@ -370,13 +428,15 @@ def build_shard_loaders(cfg, *, rank: int, world_size: int,
                   channels_last=cfg.precision.channels_last)
     train = ShardBatches(Split.from_manifest(root, manifest, dataset.train_split),
                          batch_size=cfg.per_worker_batch, train=True, view="train",
-                         augment=d.augment, **common)
+                         augment=d.augment, rank=t_rank, world_size=t_world,
+                         accumulate=accumulate, **common)
     protocol = cfg.eval.protocol
     # Multi-scale views differ in size between images (aspect ratios), so they go one image
     # per batch rather than being padded or cropped into a shape they do not have.
     test = ShardBatches(Split.from_manifest(root, manifest, dataset.eval_split),
                         batch_size=1 if protocol == "multiscale" else cfg.per_worker_batch,
-                        train=False, view=protocol, augment="none", **common)
+                        train=False, view=protocol, augment="none", rank=rank,
+                        world_size=world_size, **common)
     info = {"num_train": train.split.num_images, "num_test": test.split.num_images,
             "classes": list(manifest["classes"])}
     return train, test, info

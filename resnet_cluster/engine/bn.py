@@ -63,8 +63,13 @@ class DynamicMomentum:
         # while the graph still holds the buffers (a training-mode backward does not read them).
         return [t.data for m in self.layers for t in (m.running_mean, m.running_var)]
 
+    def _counts(self, module: nn.Module) -> bool:
+        # Eval forwards do not count, nor do forwards whose BN layers keep no running stats (an
+        # elastic run's later micro-batches of a step: engine.loop.accumulate_step).
+        return module.training and bool(self.layers) and self.layers[0].track_running_stats
+
     def _save(self, module: nn.Module, args) -> None:
-        if not module.training:
+        if not self._counts(module):
             return
         stats = self._stats()
         if len(self._scratch) != len(stats) or self._scratch[0].device != stats[0].device:
@@ -72,7 +77,7 @@ class DynamicMomentum:
         torch._foreach_copy_(self._scratch, stats)
 
     def _average(self, module: nn.Module, args, output) -> None:
-        if not module.training:
+        if not self._counts(module):
             return
         w = dynamic_momentum(self.n)
         if w < 1.0:  # n = 0: the running stats are this batch's, as they should be

@@ -11,9 +11,11 @@ number a callback sees is already reduced over all ranks, so rank 0 can record i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_cluster.config import JobConfig
-from resnet_cluster.engine.bn import DynamicMomentum, convert_sync_bn, precise_bn, set_bn_momentum
-from resnet_cluster.engine.checkpoint import capture_rng, restore_rng
+from resnet_cluster.engine.accumulation import StepPlan
+from resnet_cluster.engine.bn import DynamicMomentum, bn_layers, convert_sync_bn, precise_bn, set_bn_momentum
+from resnet_cluster.engine.checkpoint import restore_rng, train_state
 from resnet_cluster.engine.context import WorkerContext
 from resnet_cluster.engine.device import cudnn_benchmark_off, set_determinism
 from resnet_cluster.errors import ConfigError
@@ -38,6 +41,15 @@ class Callback:
 
     def on_epoch_end(self, record: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
         """``state()`` builds the resumable TrainState; call it only when checkpointing."""
+
+    def on_checkpoint(self, record: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        """Every ``checkpoint.every_iterations`` steps within an epoch, on every rank; ``record``
+        holds epoch, iteration, epoch_step and lr; ``state()`` resumes at exactly this step."""
+
+    def wants_checkpoint(self, record: dict[str, Any]) -> bool:
+        """Asked on every rank at each log point; True (on every rank alike) takes a mid-epoch
+        checkpoint there (the worker's answer to a node's announced preemption)."""
+        return False
 
     def on_finish(self, summary: dict[str, Any], model: nn.Module) -> None: ...
 
@@ -63,42 +75,217 @@ def _autocast(cfg: JobConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    schedule: LRSchedule,
+@dataclass
+class Progress:
+    """Running sums of [loss_sum, wrong, images] on the device, for the log window (this rank's
+    share, reduced at each log point) and for the epoch (already reduced over all ranks)."""
+
+    window: torch.Tensor
+    epoch: torch.Tensor
+    steps_in_window: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> Progress:
+        z = functools.partial(torch.zeros, 3, dtype=torch.float64, device=device)
+        return cls(z(), z())
+
+
+@dataclass
+class Session:
+    """Everything one process trains with, built once by :func:`setup` (fresh or resumed)."""
+
+    cfg: JobConfig
+    ctx: WorkerContext
+    plan: StepPlan
+    model: nn.Module  # the bare module (evaluation, precise BN, checkpoints)
+    net: nn.Module  # what trains: the DDP wrapper when there is one
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler | None
+    train_batches: Any
+    test_batches: Any
+    data_info: dict[str, Any]
+    iters_per_epoch: int
+    total_iters: int
+    total_epochs: int
+    epoch: int = 0  # the epoch being trained (or next, at an epoch end)
+    epoch_step: int = 0  # optimizer steps done in `epoch`
+    iteration: int = 0  # optimizer steps done in the run
+    history: list[dict[str, Any]] = field(default_factory=list)
+    progress: Progress | None = None
+    dynamic_bn: DynamicMomentum | None = None  # bn.policy dynamic: 1/(1+n), n counted on the host
+
+    def autocast(self):
+        return _autocast(self.cfg, self.ctx.device)
+
+    def state(self, **extra: Any) -> dict[str, Any]:
+        """The resumable TrainState at the current position (see ``engine.checkpoint``)."""
+        return train_state(
+            model=self.model,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            scaler=self.scaler,
+            epoch=self.epoch,
+            epoch_step=self.epoch_step,
+            iteration=self.iteration,
+            history=self.history,
+            config=self.cfg.to_dict(),
+            **extra,
+        )
+
+
+def setup(
+    cfg: JobConfig,
     ctx: WorkerContext,
     *,
-    epoch: int,
-    iteration: int,
-    stop_at: int,
-    log_every: int = 20,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-    scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    on_log: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train until the epoch's batches run out or the global ``iteration`` reaches ``stop_at``.
+    resume: dict[str, Any] | None = None,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+) -> Session:
+    """Build model, optimizer, schedule and data for this rank, and restore ``resume``."""
+    from resnet_cluster.data.loaders import build_loaders_for
 
-    Returns the epoch's train loss and error (all ranks), the last lr, the iteration reached, and
-    ``images_per_sec``: global training images per second of wall time in this epoch.
+    set_determinism(cfg.precision.deterministic)
+    plan = StepPlan.for_world(cfg.scaling.max_workers, ctx.world_size, ctx.rank)
+    # The same seed on every rank gives the same initial weights (DDP also broadcasts them).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if cfg.bn.sync and ctx.world_size > 1:
+        model = convert_sync_bn(model)  # before DDP wraps it (PyTorch's documented order)
+    model = model.to(ctx.device)
+    if cfg.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dynamic_bn = DynamicMomentum(model) if cfg.bn.policy == "dynamic" else None
+    optimizer = build_optimizer(cfg.optim, model, lr=scaled_lr(cfg))
+    # Training batches: this rank's slot group of the N-worker layout (engine.accumulation).
+    share = (plan.slot_group, plan.active, plan.accumulate)
+    train_batches, test_batches, data_info = build_loaders_for(
+        cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+        train_share=None if share == (ctx.rank, ctx.world_size, 1) else share,
+    )  # fmt: skip
+    iters_per_epoch = len(train_batches)
+    if iters_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size {cfg.train.batch_size} is larger than the training set "
+            f"({data_info['num_train']} images): not one full batch per epoch. Lower the batch."
+        )
+    schedule = LRSchedule.from_config(cfg, iters_per_epoch=iters_per_epoch)
+    total_iters = cfg.train.iterations or cfg.train.epochs * iters_per_epoch
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp == "fp16" else None
+    s = Session(
+        cfg=cfg, ctx=ctx, plan=plan, model=model, net=model, optimizer=optimizer,
+        schedule=schedule, scaler=scaler, train_batches=train_batches, test_batches=test_batches,
+        data_info=data_info, iters_per_epoch=iters_per_epoch, total_iters=total_iters,
+        total_epochs=math.ceil(total_iters / iters_per_epoch), progress=Progress.zeros(ctx.device),
+        dynamic_bn=dynamic_bn,
+    )  # fmt: skip
+    if resume is not None:
+        restore(s, resume)
+        if dynamic_bn is not None:  # mid-epoch: the batches this epoch already counted (one a step)
+            dynamic_bn.n = s.epoch_step
+    if cfg.precision.compile:
+        # Compile the module in place (its __call__), so the bare model used for evaluation
+        # and precise BN is compiled too and state-dict keys keep their names.
+        model.compile(backend=cfg.precision.compile_backend)
+    s.net = wrap_model(model) if wrap_model else model
+    return s
+
+
+def restore(s: Session, resume: dict[str, Any]) -> None:
+    s.model.load_state_dict(resume["model"])
+    s.optimizer.load_state_dict(resume["optimizer"])
+    s.schedule.load_state_dict(resume["schedule"])
+    if s.scaler is not None and resume.get("scaler"):
+        s.scaler.load_state_dict(resume["scaler"])
+    restore_rng(resume["rng"], s.ctx.device)
+    s.epoch, s.iteration = resume["epoch"], resume["iteration"]
+    s.epoch_step = resume.get("epoch_step", 0)
+    s.history = list(resume.get("history", []))
+    saved = resume.get("progress")
+    if saved is not None and s.epoch_step:
+        # Mid-epoch: the epoch's sums so far, and the open log window's (already summed over
+        # the ranks when saved, so rank 0 alone carries them on).
+        s.progress.epoch.copy_(torch.as_tensor(saved["epoch"], dtype=torch.float64))
+        if s.ctx.is_main:
+            s.progress.window.copy_(torch.as_tensor(saved["window"], dtype=torch.float64))
+        s.progress.steps_in_window = int(saved["steps_in_window"])
+
+
+def accumulate_step(s: Session, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimizer step on this rank's ``plan.accumulate`` micro-batches of (x, y).
+
+    DDP all-reduces the gradients once, in the backward of the last micro-batch (``no_sync``
+    before it). BatchNorm sees one micro-batch per forward; its running statistics move on the
+    first micro-batch only (``track_running_stats`` off for the others): rank 0's statistics
+    are then those an N-worker run's rank 0 has (see ``engine.accumulation``).
     """
-    model.train()
-    dev = ctx.device
-    # [loss_sum, wrong, images] accumulated on the device; synced only at log points.
-    window = torch.zeros(3, dtype=torch.float64, device=dev)
-    epoch_acc = torch.zeros(3, dtype=torch.float64, device=dev)
-    lr = schedule.lr(iteration, epoch)
+    plan, net, w = s.plan, s.net, s.plan.loss_weight
+    m = plan.accumulate
+    micro = [(x, y)] if m == 1 else list(zip(x.split(s.cfg.per_worker_batch), y.split(s.cfg.per_worker_batch)))
+    bns = bn_layers(s.model) if m > 1 else []
+    s.optimizer.zero_grad(set_to_none=True)
+    try:
+        for j, (xj, yj) in enumerate(micro):
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+            if j == 1:
+                for bn in bns:
+                    bn.track_running_stats = False
+            with sync:
+                if s.cfg.precision.channels_last:
+                    xj = xj.contiguous(memory_format=torch.channels_last)
+                with s.autocast():
+                    logits = net(xj)
+                    loss = F.cross_entropy(logits, yj)
+                scaled = loss if w == 1.0 else loss * w
+                (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+            if not plan.spare:
+                with torch.no_grad():
+                    b = yj.shape[0]
+                    window = s.progress.window
+                    window[0] += loss.detach().double() * b
+                    window[1] += (logits.argmax(1) != yj).sum()
+                    window[2] += b
+    finally:
+        for bn in bns:
+            bn.track_running_stats = True
+    if s.scaler is not None:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        s.optimizer.step()
+
+
+def train_one_epoch(
+    s: Session,
+    *,
+    log_every: int = 20,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_wanted: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
+    """Train ``s.epoch`` from ``s.epoch_step`` until its batches run out or the run's
+    ``total_iters`` is reached.
+
+    ``on_checkpoint(record)`` is called on every rank after each ``checkpoint_every``-th step of
+    the run that is not the epoch's last (the epoch end has its own checkpoint decision), and
+    at a log point where ``checkpoint_wanted(record)`` says so (it must answer alike on every
+    rank).
+    Returns the epoch's train loss and error (all ranks), the last lr, the iteration reached, and
+    ``images_per_sec``: global training images per second of wall time in this run of the epoch.
+    """
+    ctx, schedule, prog = s.ctx, s.schedule, s.progress
+    s.net.train()
+    lr = schedule.lr(s.iteration, s.epoch)
     t_epoch = t_window = time.perf_counter()
-    steps_in_window = 0
+    images_at_start = prog.epoch[2].item()
     # Seconds this rank spent waiting for its next batch (host side): in this window, this epoch.
     wait_window = wait_epoch = 0.0
 
     def flush_window() -> None:
-        nonlocal t_window, steps_in_window, window, wait_window
-        totals = ctx.all_reduce_sum(window.clone())
-        epoch_acc.add_(totals)
+        nonlocal t_window, wait_window
+        totals = ctx.all_reduce_sum(prog.window.clone())
+        prog.epoch.add_(totals)
         loss_sum, wrong, n = totals.tolist()
         now = time.perf_counter()
         err = 100.0 * wrong / max(n, 1)
@@ -106,8 +293,8 @@ def train_one_epoch(
         if on_log is not None and n:
             on_log(
                 {
-                    "iteration": iteration,
-                    "epoch": epoch,
+                    "iteration": s.iteration,
+                    "epoch": s.epoch,
                     "loss": loss_sum / n,
                     "train_err": err,
                     "lr": lr,
@@ -115,11 +302,12 @@ def train_one_epoch(
                     "data_wait_fraction": wait_window / max(now - t_window, 1e-9),
                 }
             )
-        window.zero_()
-        t_window, steps_in_window, wait_window = now, 0, 0.0
+        prog.window.zero_()
+        t_window, prog.steps_in_window, wait_window = now, 0, 0.0
 
-    batch_iter = iter(batches)
-    while iteration < stop_at:
+    s.train_batches.set_epoch(s.epoch, start=s.epoch_step)
+    batch_iter = iter(s.train_batches)
+    while s.iteration < s.total_iters:
         t_wait = time.perf_counter()
         try:
             x, y = next(batch_iter)
@@ -128,44 +316,47 @@ def train_one_epoch(
         waited = time.perf_counter() - t_wait
         wait_window += waited
         wait_epoch += waited
-        lr = schedule.lr(iteration, epoch)
-        for group in optimizer.param_groups:
+        lr = schedule.lr(s.iteration, s.epoch)
+        for group in s.optimizer.param_groups:
             group["lr"] = lr
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            b = y.shape[0]
-            window[0] += loss.detach().double() * b
-            window[1] += (logits.argmax(1) != y).sum()
-            window[2] += b
-        iteration += 1
-        steps_in_window += 1
-        if iteration % log_every == 0:
+        accumulate_step(s, x, y)
+        s.iteration += 1
+        s.epoch_step += 1
+        prog.steps_in_window += 1
+        logged = s.iteration % log_every == 0
+        if logged:
             flush_window()
-    if steps_in_window:
+        more = s.epoch_step < s.iters_per_epoch and s.iteration < s.total_iters
+        if on_checkpoint is not None and more:
+            record = {"epoch": s.epoch, "iteration": s.iteration, "epoch_step": s.epoch_step, "lr": lr}
+            if checkpoint_every and s.iteration % checkpoint_every == 0:
+                on_checkpoint(record)
+            elif logged and checkpoint_wanted is not None and checkpoint_wanted(record):
+                on_checkpoint({**record, "reason": "preemption"})
+    if prog.steps_in_window:
         flush_window()
     elapsed = time.perf_counter() - t_epoch
-    loss_sum, wrong, n = epoch_acc.tolist()
+    loss_sum, wrong, n = prog.epoch.tolist()
     return {
-        "iteration": iteration,
+        "iteration": s.iteration,
         "train_loss": loss_sum / max(n, 1),
         "train_err": 100.0 * wrong / max(n, 1),
         "lr": lr,
         "train_images": int(n),
         "train_time_s": elapsed,
-        "images_per_sec": n / max(elapsed, 1e-9),
+        "images_per_sec": (n - images_at_start) / max(elapsed, 1e-9),
         "data_wait_s": wait_epoch,
+    }
+
+
+def progress_state(s: Session) -> dict[str, Any]:
+    """The open log window and the epoch's sums, for a mid-epoch checkpoint (a collective:
+    every rank calls it)."""
+    window = s.ctx.all_reduce_sum(s.progress.window.clone())
+    return {
+        "window": window.cpu().tolist(),
+        "epoch": s.progress.epoch.cpu().tolist(),
+        "steps_in_window": s.progress.steps_in_window,
     }
 
 
@@ -255,6 +446,54 @@ def evaluate(
     }
 
 
+def _micro_batches(s: Session) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's training batches cut into the micro-batches of N workers; nothing on a
+    spare rank (its batches are slot-group 0's, which rank 0 already counts)."""
+    if s.plan.spare:
+        return
+    b = s.cfg.per_worker_batch
+    for x, y in s.train_batches:
+        yield from zip(x.split(b), y.split(b))
+
+
+def run_precise_bn(s: Session, epoch: int) -> None:
+    """Recompute BN statistics over the first ``bn.precise_batches`` iterations of ``epoch``'s
+    training order (augmented, as in training), micro-batch by micro-batch."""
+    s.train_batches.set_epoch(epoch)
+    precise_bn(
+        s.model,
+        _micro_batches(s),
+        s.ctx,
+        min(s.cfg.bn.precise_batches, s.iters_per_epoch) * s.plan.accumulate,
+        autocast=s.autocast,
+        channels_last=s.cfg.precision.channels_last,
+    )
+
+
+def share_bn_stats(s: Session) -> None:
+    """Give every rank rank 0's BN running statistics (the ones model.pt keeps) before an
+    evaluation, so the test error is that of one model whatever the world size."""
+    if s.ctx.distributed:
+        import torch.distributed as dist
+
+        for buf in s.model.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def evaluate_epoch(s: Session, record: dict[str, Any]) -> None:
+    if s.cfg.bn.precise_batches:
+        run_precise_bn(s, record["epoch"])
+    else:
+        share_bn_stats(s)
+    # The bare model: DDP's forward would broadcast buffers, a collective, and ranks may
+    # hold different numbers of test batches.
+    record.update(
+        evaluate(s.model, s.test_batches, s.ctx, autocast=s.autocast, channels_last=s.cfg.precision.channels_last)
+    )
+    if s.schedule.observe_test_error(record["top1_err"]):
+        record["lr_dropped"] = 1
+
+
 def fit(
     cfg: JobConfig,
     ctx: WorkerContext | None = None,
@@ -265,63 +504,27 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``cfg`` on this process's share of the data and return the final summary.
 
-    ``resume`` is a TrainState dict as built by the ``state`` argument of
-    ``Callback.on_epoch_end``; training continues at the epoch after it. ``wrap_model`` wraps
-    the model for data parallelism (DDP) after it is on ``ctx.device``.
+    ``resume`` is a TrainState dict as built by the ``state`` argument of the callbacks;
+    training continues where it was taken (an epoch end, or mid-epoch at the exact step).
+    ``wrap_model`` wraps the model for data parallelism (DDP) after it is on ``ctx.device``.
+    The steps: :func:`setup`, then per epoch :func:`train_one_epoch` (made of
+    :func:`accumulate_step`), :func:`evaluate_epoch` when due, and the callbacks.
     """
-    from resnet_cluster.data.loaders import build_loaders_for
-
     ctx = ctx or WorkerContext()
-    set_determinism(cfg.precision.deterministic)
-    # The same seed on every rank gives the same initial weights (DDP also broadcasts them).
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    if cfg.bn.sync and ctx.world_size > 1:
-        model = convert_sync_bn(model)  # before DDP wraps it (PyTorch's documented order)
-    model = model.to(ctx.device)
-    if cfg.precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dynamic_bn = DynamicMomentum(model) if cfg.bn.policy == "dynamic" else None
-    optimizer = build_optimizer(cfg.optim, model, lr=scaled_lr(cfg))
-    train_batches, test_batches, data_info = build_loaders_for(cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
-    iters_per_epoch = len(train_batches)
-    if iters_per_epoch == 0:
-        raise ConfigError(
-            f"train.batch_size {cfg.train.batch_size} is larger than the training set "
-            f"({data_info['num_train']} images): not one full batch per epoch. Lower the batch."
-        )
-    schedule = LRSchedule.from_config(cfg, iters_per_epoch=iters_per_epoch)
-    total_iters = cfg.train.iterations or cfg.train.epochs * iters_per_epoch
-    total_epochs = math.ceil(total_iters / iters_per_epoch)
-
-    start_epoch, iteration, history = 0, 0, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        restore_rng(resume["rng"])
-        start_epoch, iteration = resume["epoch"], resume["iteration"]
-        history = list(resume.get("history", []))
-
-    if cfg.precision.compile:
-        # Compile the module in place (its __call__), so the bare model used for evaluation
-        # and precise BN is compiled too and state-dict keys keep their names.
-        model.compile(backend=cfg.precision.compile_backend)
-    net = wrap_model(model) if wrap_model else model
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision.amp == "fp16" else None
-
-    def autocast():
-        return _autocast(cfg, ctx.device)
-
+    s = setup(cfg, ctx, resume=resume, wrap_model=wrap_model)
     info = {
-        "iters_per_epoch": iters_per_epoch,
-        "total_iterations": total_iters,
-        "total_epochs": total_epochs,
-        "start_epoch": start_epoch,
-        "start_iteration": iteration,
+        "iters_per_epoch": s.iters_per_epoch,
+        "total_iterations": s.total_iters,
+        "total_epochs": s.total_epochs,
+        "start_epoch": s.epoch,
+        "start_iteration": s.iteration,
+        "start_epoch_step": s.epoch_step,
         "resumed": resume is not None,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        **data_info,
+        "parameters": sum(p.numel() for p in s.model.parameters()),
+        "world_size": ctx.world_size,
+        "training_workers": s.plan.active,
+        "micro_batches_per_step": s.plan.accumulate,
+        **s.data_info,
     }
     for cb in callbacks:
         cb.on_start(info)
@@ -330,76 +533,45 @@ def fit(
         for cb in callbacks:
             cb.on_log(record)
 
-    def run_precise_bn(epoch: int) -> None:
-        # The first N batches of this epoch's training order (augmented, as in training).
-        train_batches.set_epoch(epoch)
-        precise_bn(
-            model,
-            train_batches,
-            ctx,
-            min(cfg.bn.precise_batches, iters_per_epoch),
-            autocast=autocast,
-            channels_last=cfg.precision.channels_last,
-        )
+    def on_checkpoint(record: dict[str, Any]) -> None:
+        progress = progress_state(s)  # a collective, so on every rank before any callback
+        for cb in callbacks:
+            cb.on_checkpoint(record, lambda: s.state(progress=progress))
 
-    for epoch in range(start_epoch, total_epochs):
-        train_batches.set_epoch(epoch)
-        if dynamic_bn is not None:
-            dynamic_bn.reset()
+    while s.epoch < s.total_epochs:
+        epoch = s.epoch
+        if s.dynamic_bn is not None and s.epoch_step == 0:
+            s.dynamic_bn.reset()
         t0 = time.time()
         metrics = train_one_epoch(
-            net,
-            train_batches,
-            optimizer,
-            schedule,
-            ctx,
-            epoch=epoch,
-            iteration=iteration,
-            stop_at=total_iters,
+            s,
             log_every=cfg.train.log_every_iterations,
-            autocast=autocast,
-            scaler=scaler,
-            channels_last=cfg.precision.channels_last,
             on_log=on_log,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=cfg.checkpoint.every_iterations,
+            # a list, not any(): every callback is asked (they may hold collectives)
+            checkpoint_wanted=lambda record: any([cb.wants_checkpoint(record) for cb in callbacks]),
         )
-        iteration = metrics["iteration"]
         record = {"epoch": epoch, **metrics}
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == total_epochs:
-            if cfg.bn.precise_batches:
-                run_precise_bn(epoch)
-            # The bare model: DDP's forward would broadcast buffers, a collective, and ranks may
-            # hold different numbers of test batches.
-            record.update(
-                evaluate(model, test_batches, ctx, autocast=autocast, channels_last=cfg.precision.channels_last)
-            )
-            if schedule.observe_test_error(record["top1_err"]):
-                record["lr_dropped"] = 1
+        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == s.total_epochs:
+            evaluate_epoch(s, record)
         record["epoch_time_s"] = time.time() - t0
-        history.append({k: record[k] for k in ("epoch", "iteration", "top1_err") if k in record})
-
-        def state(epoch=epoch, iteration=iteration) -> dict[str, Any]:
-            return {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": capture_rng(),
-                "epoch": epoch + 1,
-                "iteration": iteration,
-                "history": list(history),
-                "config": cfg.to_dict(),
-            }
-
+        s.history.append({k: record[k] for k in ("epoch", "iteration", "top1_err") if k in record})
+        # The epoch is done: a checkpoint from here resumes at the start of the next one.
+        s.epoch, s.epoch_step = epoch + 1, 0
+        s.progress = Progress.zeros(ctx.device)
+        state = functools.partial(s.state)
         for cb in callbacks:
             cb.on_epoch_end(record, state)
 
-    evaluated = [h for h in history if "top1_err" in h]
+    evaluated = [h for h in s.history if "top1_err" in h]
     summary = {
-        "epochs": total_epochs,
-        "iterations": iteration,
+        "epochs": s.total_epochs,
+        "iterations": s.iteration,
         "final_top1_err": evaluated[-1]["top1_err"] if evaluated else None,
         "best_top1_err": min(h["top1_err"] for h in evaluated) if evaluated else None,
         "best_epoch": min(evaluated, key=lambda h: h["top1_err"])["epoch"] if evaluated else None,
     }
     for cb in callbacks:
-        cb.on_finish(summary, model)
+        cb.on_finish(summary, s.model)
     return summary

@@ -22,9 +22,9 @@ from typing import Any
 
 from resnet_cluster.errors import ClusterError, ConfigError
 
-# Gitignore patterns (Ray matches them with pathspec's gitwildmatch): "/data" is the top-level
-# dataset folder only; a bare "data" would also drop the resnet_cluster/data package.
-EXCLUDES = [".git", ".venv", "**/__pycache__", "runs-store", "/data", "*.pt", "*.tar.gz", "*.parquet"]
+# gitwildmatch patterns (Ray's runtime_env packaging): "/data" is the project's data folder only;
+# a bare "data" would also drop resnet_cluster/data, and the cluster would run its own copy.
+EXCLUDES = [".git", ".venv", "**/__pycache__", "/runs-store", "/data", "*.pt", "*.tar.gz", "*.parquet"]
 STOP_WAIT_S = 120  # time the driver gets to abort Ray Train and write the `stopped` event
 AGENT_RETRY_S = 60  # a fresh cluster answers 500 "No available agent" for a few seconds
 

@@ -20,6 +20,7 @@ import yaml
 
 from resnet_cluster import datasets
 from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts.heartbeat import Heartbeat
 from resnet_cluster.artifacts.manifest import write_manifest
 from resnet_cluster.artifacts.provenance import git_provenance
 from resnet_cluster.artifacts.run import RunWriter
@@ -73,7 +74,8 @@ def _check_resources(cfg: JobConfig, info: dict[str, Any]) -> None:
     """
     if not info["local"]:
         return
-    need = scaling_plan(cfg)["total_resources"]
+    plan = scaling_plan(cfg)
+    need = plan.get("elastic", {}).get("min_total_resources", plan["total_resources"])  # a range starts at min
     have = info["resources"]
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v - 1e-9}
     if short:
@@ -211,7 +213,10 @@ class RunSession:
         cfg, store, run_id = self.cfg, self.store, self.run_id
         nodes_before = failures.alive_nodes()  # to name the nodes a failed run lost
         self.t0 = time.time()
+        # "running" means driven: runs list shows `lost` once this stops (artifacts.heartbeat)
+        driver_beat = Heartbeat(store, run_id, "driver")
         try:
+            driver_beat.start()
             trainer = build_trainer(cfg, run_id=run_id, store=store, submission=self.submission,
                                     progress_queue=progress_queue, callbacks=callbacks)  # fmt: skip
             bound_sigint_abort(trainer, self.record_stop)
@@ -231,6 +236,8 @@ class RunSession:
             if user:
                 raise user from None
             raise RunFailed(msg, run_id=run_id, uri=self.uri) from e
+        finally:
+            driver_beat.stop()
 
     def finish(self) -> dict[str, Any]:
         """The finished event and the manifest (last), or RunStopped if training ended early."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
+from resnet_cluster.engine.accumulation import StepPlan
 
 CHECKPOINTS_DIR = "checkpoints"  # Ray Train's run folder, inside the run: runs/<id>/checkpoints
 # How long Ray Train's controller waits for a worker group's placement group; the driver's
@@ -25,17 +26,31 @@ def scaling_plan(cfg: JobConfig) -> dict[str, Any]:
     if s.workers_per_node is not None:
         # N bundles of 1/N each fit on a node that declares node_resource: 1, and N+1 do not.
         resources[s.node_resource] = round(1.0 / s.workers_per_node, 4)
-    return {
-        "workers": s.workers,
+    plan = {
+        "workers": {"min": s.min_workers, "max": s.max_workers} if s.elastic else s.max_workers,
         "global_batch": cfg.train.batch_size,
         "per_worker_batch": cfg.per_worker_batch,
         "use_gpu": s.use_gpu,
         "resources_per_worker": resources,
-        "total_resources": {k: v * s.workers for k, v in resources.items()},
+        "total_resources": {k: v * s.max_workers for k, v in resources.items()},
         "backend": "nccl" if s.use_gpu else "gloo",
         "placement_strategy": s.placement,
         "workers_per_node": s.workers_per_node,
     }
+    if s.elastic:
+        # What each world size Ray Train may pick does (engine.accumulation.StepPlan): the
+        # global batch is train.batch_size at all of them.
+        plan["elastic"] = {
+            "micro_batch": cfg.per_worker_batch,
+            "resize_check_s": s.resize_check_s,
+            "min_total_resources": {k: v * s.min_workers for k, v in resources.items()},
+            "sizes": [
+                {"workers": w, "training_workers": p.active, "micro_batches_per_worker": p.accumulate}
+                for w in range(s.min_workers, s.max_workers + 1)
+                for p in [StepPlan.for_world(s.max_workers, w, 0)]
+            ],
+        }
+    return plan
 
 
 def ray_storage(store: ArtifactStore, run_id: str) -> tuple[str, Any]:
@@ -67,6 +82,12 @@ def failure_config(cfg: JobConfig):
     from ray.train import FailureConfig
 
     bounded = cfg.failure.start_timeout_s != -1
+    if cfg.scaling.elastic:
+        # A lost node's first restart still counts it (Ray's reserved resources lag): that start
+        # times out after start_timeout_s as a controller failure, and the retry starts at the
+        # size that fits (RAY-NOTES, measured). Ray counts these for the whole run, so an elastic
+        # run retries them without limit; it waits for scaling.workers min like Ray Train does.
+        return FailureConfig(max_failures=cfg.failure.max_failures, controller_failure_limit=-1)
     return FailureConfig(max_failures=cfg.failure.max_failures, controller_failure_limit=0 if bounded else -1)
 
 
@@ -122,7 +143,11 @@ def build_trainer(
         },
         torch_config=TorchConfig(backend=plan["backend"]),
         scaling_config=ScalingConfig(
-            num_workers=plan["workers"],
+            num_workers=(
+                (cfg.scaling.min_workers, cfg.scaling.max_workers) if cfg.scaling.elastic else cfg.scaling.max_workers
+            ),
+            # Elastic runs: how often a running group checks for room to grow back to max.
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             use_gpu=plan["use_gpu"],
             resources_per_worker=plan["resources_per_worker"],
             placement_strategy=plan["placement_strategy"],
