@@ -72,7 +72,7 @@ def test_elastic_run_shrinks_grows_and_matches_the_uninterrupted_recipe(two_node
     assert sub.returncode == 0, sub.stderr[-3000:]
 
     _wait("a mid-epoch checkpoint at 2 workers", lambda: any(n.startswith("iter_") for n in _checkpoints(c)), 400)
-    time.sleep(6)  # let the checkpoint's report finish (RAY-NOTES: a kill within ~1 s can lose it)
+    time.sleep(6)  # let the checkpoint's report finish (docs/ray-notes.md: a kill within ~1 s can lose it)
     c["second"].kill()  # the whole second node
     _wait("the resize to 1 worker", lambda: (2, 1) in _resizes(c), 400)
     add_second_node(c)  # capacity comes back (a node takes about a minute to start here)

@@ -533,10 +533,16 @@ def fit(
         for cb in callbacks:
             cb.on_log(record)
 
+    # The hooks elastic runs added are optional: a callback written before them (any object
+    # with on_start/on_log/on_epoch_end/on_finish) keeps working.
     def on_checkpoint(record: dict[str, Any]) -> None:
         progress = progress_state(s)  # a collective, so on every rank before any callback
         for cb in callbacks:
-            cb.on_checkpoint(record, lambda: s.state(progress=progress))
+            getattr(cb, "on_checkpoint", lambda r, st: None)(record, lambda: s.state(progress=progress))
+
+    def checkpoint_wanted(record: dict[str, Any]) -> bool:
+        # a list, not any(): every callback is asked (they may hold collectives)
+        return any([getattr(cb, "wants_checkpoint", lambda r: False)(record) for cb in callbacks])
 
     while s.epoch < s.total_epochs:
         epoch = s.epoch
@@ -549,8 +555,7 @@ def fit(
             on_log=on_log,
             on_checkpoint=on_checkpoint,
             checkpoint_every=cfg.checkpoint.every_iterations,
-            # a list, not any(): every callback is asked (they may hold collectives)
-            checkpoint_wanted=lambda record: any([cb.wants_checkpoint(record) for cb in callbacks]),
+            checkpoint_wanted=checkpoint_wanted,
         )
         record = {"epoch": epoch, **metrics}
         if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == s.total_epochs:

@@ -85,7 +85,7 @@ def failure_config(cfg: JobConfig):
     if cfg.scaling.elastic:
         # A lost node's first restart still counts it (Ray's reserved resources lag): that start
         # times out after start_timeout_s as a controller failure, and the retry starts at the
-        # size that fits (RAY-NOTES, measured). Ray counts these for the whole run, so an elastic
+        # size that fits (docs/ray-notes.md, measured). Ray counts these for the whole run, so an elastic
         # run retries them without limit; it waits for scaling.workers min like Ray Train does.
         return FailureConfig(max_failures=cfg.failure.max_failures, controller_failure_limit=-1)
     return FailureConfig(max_failures=cfg.failure.max_failures, controller_failure_limit=0 if bounded else -1)

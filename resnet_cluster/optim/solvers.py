@@ -1,5 +1,5 @@
 """Solvers built from ``JobConfig.optim``: SGD in three momentum conventions, and the adaptive
-solvers of gcr/torch-residual-networks' solver study (REFERENCE.md §4).
+solvers of gcr/torch-residual-networks' solver study (docs/references.md §4).
 
 The lr set here is the schedule's starting point only: :class:`~resnet_cluster.optim.LRSchedule`
 writes ``group["lr"]`` before every step.
