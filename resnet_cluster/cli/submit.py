@@ -207,22 +207,24 @@ def _submit_remote(address: str, job: str, cfg, name: str | None, overrides: lis
     info = remote.submit_remote(
         address, job, run_id=run_id, overrides=overrides, cwd=os.getcwd(), job_name=cfg.name, store=cfg.artifacts.store
     )
-    if not json_out:
-        console.print(
-            f"submitted Ray job [bold]{info['job_id']}[/] for run [bold]{run_id}[/]\n"
-            f"dashboard: {info['dashboard']}\n"
-            f"follow:    resnet-cluster status {run_id} --address {address}   "
-            f"(stop: resnet-cluster stop {run_id} --address {address})",
-            highlight=False,
-        )
-    follow_job(address, info, follow=follow, json_out=json_out)
+    follow_job(address, info, what=f"run {run_id}", follow=follow, json_out=json_out)
 
 
-def follow_job(address: str, info: dict[str, Any], *, follow: bool, json_out: bool) -> None:
-    """After a Jobs API submit: with ``follow``, stream the job's log (Ctrl-C stops following,
-    not the job) and exit 1 if the job failed or was stopped; then the ``--json`` document."""
+def follow_job(address: str, info: dict[str, Any], *, what: str, follow: bool, json_out: bool, hint: str = "") -> None:
+    """After a Jobs API submit of ``what`` ("run ID", "sweep ID"): say how to watch and stop it;
+    with ``follow``, stream the job's log (Ctrl-C stops following, not the job) and exit 1 if
+    the job failed or was stopped; then the ``--json`` document."""
     from resnet_cluster.launch import remote
 
+    ident = what.split()[-1]
+    if not json_out:
+        console.print(
+            f"submitted Ray job [bold]{info['job_id']}[/] for {what.split()[0]} [bold]{ident}[/]\n"
+            f"dashboard: {info['dashboard']}\n"
+            f"follow:    resnet-cluster status {ident} --address {address}   "
+            f"(stop: resnet-cluster stop {ident} --address {address}{hint})",
+            highlight=False,
+        )
     if follow:
         try:
             # whole lines, never folded: the log's progress lines are meant to be read as lines

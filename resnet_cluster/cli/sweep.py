@@ -216,16 +216,8 @@ def _submit_sweep_job(url: str, args: list[str], *, sweep_id: str, name: str, st
         metadata={"kind": "sweep", "sweep_id": sweep_id, "sweep_name": name, "store": store},
     )
     info = {"sweep_id": sweep_id, **info}
-    if not as_json:
-        console.print(
-            f"submitted Ray job [bold]{info['job_id']}[/] for sweep [bold]{sweep_id}[/]\n"
-            f"dashboard: {info['dashboard']}\n"
-            f"follow:    resnet-cluster status {sweep_id} --address {url}   "
-            f"(stop: resnet-cluster stop {sweep_id} --address {url}; "
-            f"table: resnet-cluster sweep report {sweep_id} --store {store})",
-            highlight=False,
-        )
-    follow_job(url, info, follow=follow, json_out=as_json)
+    hint = f"; table: resnet-cluster sweep report {sweep_id} --store {store}"
+    follow_job(url, info, what=f"sweep {sweep_id}", follow=follow, json_out=as_json, hint=hint)
 
 
 @app.command("run")
