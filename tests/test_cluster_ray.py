@@ -44,7 +44,10 @@ def two_nodes(tmp_path_factory):
     s3.start()
     host, port = s3.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True).mkdir(BUCKET)
+    # moto keeps its buckets in the process, across servers: a second module using this fixture
+    # (tests/test_elastic_ray.py) finds the bucket already there.
+    s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing",
+                      skip_instance_cache=True).makedirs(BUCKET, exist_ok=True)  # fmt: skip
     tmp = tmp_path_factory.mktemp("cluster")
     head = start_head(tmp, num_cpus=2, resources={"worker_node": 1, "node_a": 1}, env_extra=NODE_AWS)
     c = {"head": head, "tmp": tmp, "store": tmp / "store", "seconds": [], "s3": endpoint}
