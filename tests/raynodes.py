@@ -23,6 +23,9 @@ def base_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"
+    # A raylet on a loaded 2-core machine can take longer than Ray's 30 s to register
+    # ("timed out during startup"; Ray's message names this setting).
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -129,8 +132,15 @@ def start_head(tmp: Path, *, num_cpus: int = 2, resources: dict | None = None, e
     return head
 
 
-def wait_for_nodes(head: RayNode, n: int, timeout: float = 300) -> list[dict]:
-    """Poll `ray status`-like node list through a short-lived driver until n nodes are alive."""
+class NodeStartFailed(RuntimeError):
+    """A node's `ray start` exited before the node joined the cluster."""
+
+
+def wait_for_nodes(head: RayNode, n: int, timeout: float = 300, *, joining: RayNode | None = None) -> list[dict]:
+    """Poll `ray status`-like node list through a short-lived driver until n nodes are alive.
+
+    ``joining``: a node being added; NodeStartFailed if its `ray start` exits first (a raylet
+    that did not register in time on a loaded machine: "timed out during startup")."""
     code = (
         "import json, ray; ray.init(address='%s', logging_level='ERROR'); "
         "print(json.dumps([{'id': x['NodeID'], 'alive': x['Alive'], 'resources': x['Resources']} "
@@ -141,6 +151,9 @@ def wait_for_nodes(head: RayNode, n: int, timeout: float = 300) -> list[dict]:
     while time.time() < deadline:
         if head.proc.poll() is not None:  # e.g. "timed out during startup" on a loaded machine
             raise RuntimeError(f"the head's `ray start` exited ({head.proc.returncode}); see {head.log.name}")
+        if joining is not None and joining.proc.poll() is not None:
+            raise NodeStartFailed(f"`ray start` of a joining node exited ({joining.proc.returncode}); "
+                                  f"see {joining.log.name}")
         try:  # a driver can wait far longer than `timeout` for a GCS that is gone
             out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True,
                                  timeout=120)  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from raynodes import RayNode, base_env, start_head, wait_for_nodes
+from raynodes import NodeStartFailed, RayNode, base_env, start_head, wait_for_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "resnet-cluster")
@@ -61,16 +61,30 @@ def two_nodes(tmp_path_factory):
         s3.stop()
 
 
-def add_second_node(c) -> None:
-    """Start a (new) second node and wait until the cluster has two alive nodes again."""
-    node = RayNode(head_gcs=c["head"].gcs, num_cpus=2, resources={"worker_node": 1, "node_b": 1},
-                   log=c["tmp"] / f"b{len(c['seconds'])}.log", env_extra=NODE_AWS)  # fmt: skip
-    c["seconds"].append(node)
+def add_second_node(c, attempts: int = 3) -> None:
+    """Start a (new) second node and wait until the cluster has two alive nodes again.
+
+    A raylet that does not register within Ray's startup wait on a loaded 2-core machine ends
+    its `ray start` ("timed out during startup", seen in CI): start it again, on new ports."""
+    for attempt in range(attempts):
+        node = RayNode(head_gcs=c["head"].gcs, num_cpus=2, resources={"worker_node": 1, "node_b": 1},
+                       log=c["tmp"] / f"b{len(c['seconds'])}.log", env_extra=NODE_AWS)  # fmt: skip
+        c["seconds"].append(node)
+        try:
+            _wait_for_second(c, node)
+            return
+        except NodeStartFailed:
+            node.kill()
+            if attempt == attempts - 1:
+                raise
+
+
+def _wait_for_second(c, node) -> None:
     c["second"] = node
     lost = c.get("second_id")
     deadline = time.time() + 300
     while True:  # a lost node may still show as alive for a moment: wait for the new one
-        nodes = [n for n in wait_for_nodes(c["head"], 2) if n["id"] != lost]
+        nodes = [n for n in wait_for_nodes(c["head"], 2, joining=node) if n["id"] != lost]
         if len(nodes) == 2 or time.time() > deadline:
             break
         time.sleep(2)
