@@ -97,6 +97,35 @@ def test_eval_a_checkpoint_folder(trained):
     assert doc["top1_err"] == want["top1_err"] and doc["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
 
 
+def test_eval_a_running_run_takes_its_latest_registered_checkpoint(trained):
+    """A run without model.pt yet is evaluated from the checkpoint Ray Train registered last
+    (here a mid-epoch one), never from a later folder that is not in Ray's index: an upload
+    that failed or was cut off (here a torn train_state.pt)."""
+    import shutil
+
+    tmp, store, cfg, _ = trained
+    run = store / "runs" / "evaltest-running"
+    shutil.copytree(store / "runs" / RUN_ID, run)
+    (run / "model.pt").unlink()
+    proc = cli("eval", "evaltest-running", "--store", str(store), "--json", "--device", "cpu")
+    assert proc.returncode == 2 and "neither model.pt nor a checkpoint" in proc.stderr
+
+    good = sorted((tmp / "ckpt").iterdir())[0] / "train_state.pt"
+    (run / "checkpoints" / "iter_000000005").mkdir(parents=True)
+    shutil.copy(good, run / "checkpoints" / "iter_000000005" / "train_state.pt")
+    (run / "checkpoints" / "epoch_00009").mkdir()
+    (run / "checkpoints" / "epoch_00009" / "train_state.pt").write_bytes(good.read_bytes()[:1000])
+    index = {"checkpoint_results": [], "latest_checkpoint_result": {
+        "checkpoint_dir_name": "iter_000000005", "metrics": {"epoch": 0, "iteration": 5}}}
+    (run / "checkpoints" / "checkpoint_manager_snapshot.json").write_text(json.dumps(index))
+    proc = cli("eval", "evaltest-running", "--store", str(store), "--json", "--device", "cpu", "--no-record")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["weights"] == "checkpoints/iter_000000005"
+    want = json.loads(cli("eval", str(good), "--json", "--device", "cpu").stdout)
+    assert doc["top1_err"] == want["top1_err"] and doc["test_loss"] == want["test_loss"]
+
+
 def test_bad_targets_and_protocols_exit_2(trained):
     tmp, store, _, _ = trained
     run_dir = store / "runs" / RUN_ID

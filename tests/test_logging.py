@@ -18,8 +18,9 @@ def test_swallowed_errors_leave_a_debug_record(tmp_path, caplog):
         assert failures.last_checkpoint(store, "r1") is None
         assert failures.lost_worker_nodes(store, "r1", {"n1": "10.0.0.1"}, {}) == {}
     names = [(r.name, r.levelno) for r in caplog.records]
-    assert names == [("resnet_cluster.launch.failures", logging.DEBUG)] * 2
-    assert "no readable checkpoint snapshot for run r1" in caplog.records[0].getMessage()
+    assert names == [("resnet_cluster.artifacts.checkpoints", logging.DEBUG),
+                     ("resnet_cluster.launch.failures", logging.DEBUG)]  # fmt: skip
+    assert "no readable checkpoint index for run r1" in caplog.records[0].getMessage()
     assert caplog.records[0].exc_info is not None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts import checkpoints
 from resnet_cluster.artifacts.layout import MODEL as MODEL_FILE
 from resnet_cluster.config import JobConfig, apply_overrides
 from resnet_cluster.engine.bn import precise_bn
@@ -32,8 +31,6 @@ from resnet_cluster.engine.loop import _autocast, evaluate
 from resnet_cluster.errors import ConfigError, DeviceError, StoreError
 from resnet_cluster.models.files import check_format
 from resnet_cluster.models.jobs import from_dict
-
-_CKPT_RE = re.compile(rf"^{layout.CHECKPOINTS}/(epoch_\d+)/{re.escape(STATE_FILE)}$")
 
 
 @dataclass
@@ -85,8 +82,10 @@ def _rebuild(saved: dict[str, Any], where: str, overrides: list[str]) -> tuple[n
 
 
 def _latest_checkpoint(store, run_id: str) -> str | None:
-    found = sorted(m.group(1) for rel, _ in store.list_files(run_id) if (m := _CKPT_RE.match(rel)))
-    return f"{layout.CHECKPOINTS}/{found[-1]}" if found else None
+    """The run's latest checkpoint that Ray Train registered (epoch end or mid-epoch): never a
+    folder whose upload failed or was cut off (see ``artifacts.checkpoints``)."""
+    found = checkpoints.latest(store, run_id)
+    return found["path"] if found else None
 
 
 def load_target(target: str, store_root: str, overrides: list[str], endpoint_url: str | None = None) -> Loaded:
@@ -111,7 +110,7 @@ def load_target(target: str, store_root: str, overrides: list[str], endpoint_url
             if ckpt is None:
                 raise StoreError(
                     f"run {target!r} in {store.root} has neither {MODEL_FILE} nor a checkpoint yet; "
-                    "wait for its first checkpoint (checkpoint.every_epochs) or for it to finish."
+                    "wait for its first checkpoint (checkpoint.every_epochs or every_iterations) or for it to finish."
                 )
             weights, rel = ckpt, f"{ckpt}/{STATE_FILE}"
         where = store.uri(target, rel)

@@ -14,14 +14,14 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from resnet_cluster.artifacts import layout
+from resnet_cluster.artifacts import checkpoints, layout
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
 from resnet_cluster.launch.trainer import scaling_plan
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT = f"{layout.CHECKPOINTS}/checkpoint_manager_snapshot.json"  # Ray Train's checkpoint index
+SNAPSHOT = checkpoints.INDEX  # Ray Train's checkpoint index
 
 
 def causes(e: BaseException) -> Iterator[BaseException]:
@@ -55,15 +55,7 @@ def alive_nodes() -> dict[str, str] | None:
 
 def last_checkpoint(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
     """The checkpoint a resume starts from (Ray Train's latest registered one), or None."""
-    try:
-        snap = store.read_json(run_id, SNAPSHOT)
-        latest = snap["latest_checkpoint_result"]
-        metrics = latest.get("metrics") or {}
-        return {"dir": latest["checkpoint_dir_name"], "epochs": int(metrics["epoch"]) + 1,
-                "iteration": int(metrics["iteration"])}  # fmt: skip
-    except Exception:  # no checkpoint yet, or a snapshot this version cannot read
-        log.debug("no readable checkpoint snapshot for run %s", run_id, exc_info=True)
-        return None
+    return checkpoints.latest(store, run_id)
 
 
 def lost_worker_nodes(
