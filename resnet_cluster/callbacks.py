@@ -29,7 +29,7 @@ from resnet_cluster.artifacts import layout
 from resnet_cluster.artifacts.heartbeat import Heartbeat
 from resnet_cluster.artifacts.provenance import environment_snapshot
 from resnet_cluster.artifacts.registry import parse_events, parse_number
-from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_now
+from resnet_cluster.artifacts.run import CsvLog, RunWriter, utc_from_ms, utc_now
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.config import JobConfig
 from resnet_cluster.engine import Callback, WorkerContext
@@ -153,6 +153,17 @@ class RunRecorder(Callback):
         self.train_csv.append({**{k: record.get(k) for k in TRAIN_FIELDS}, "time": utc_now()})
 
     def on_checkpoint(self, record: dict[str, Any], state) -> None:
+        if record.get("reason") == "preemption":  # what the notice said, and where it caught the run
+            self.writer.event(
+                "preemption_notice",
+                submission=self.submission,
+                epoch=record["epoch"],
+                iteration=record["iteration"],
+                epoch_step=record["epoch_step"],
+                nodes=record.get("preempted_nodes"),
+                ranks=record.get("preempted_ranks"),
+                deadline=utc_from_ms(record.get("deadline_ms")),
+            )
         self.train_csv.flush()
         self.test_csv.flush()
 
@@ -321,6 +332,8 @@ class RayReporter(Callback):
         if key in self.preemption_seen:
             return False
         self.preemption_seen.add(key)
+        record.update(preempted_nodes=info.preempted_node_ids, preempted_ranks=info.preempted_ranks,
+                      deadline_ms=info.deadline_ms)  # fmt: skip
         return True
 
 

@@ -534,3 +534,37 @@ def test_recorder_records_a_resize_as_an_event(tmp_path):
     assert (resized["from_world_size"], resized["to_world_size"], resized["iteration"]) == (2, 1, 3)
     assert resized["micro_batches_per_step"] == 2
     assert [e["iteration"] for e in show_run(store, "el")["resizes"]] == [3]
+
+
+def test_a_preemption_checkpoint_is_an_event_that_runs_show_lists(tmp_path):
+    """What RayReporter.wants_checkpoint adds to the record on a notice reaches the run's events
+    (ISO deadline) and `runs show`, text and JSON."""
+    from typer.testing import CliRunner
+
+    from resnet_cluster.artifacts.registry import parse_events
+    from resnet_cluster.callbacks import RunRecorder
+    from resnet_cluster.cli import app
+
+    store = _store(tmp_path)
+    cfg = tiny("2")
+    store.write_text("pre", "config.yaml", cfg.to_yaml())
+    rec = RunRecorder(cfg, store, "pre", submission="s1", csv_interval_s=0)
+    rec.on_start({"iters_per_epoch": 4, "total_iterations": 12, "total_epochs": 3, "parameters": 1,
+                  "start_epoch": 0, "start_iteration": 0, "resumed": False, "world_size": 2})
+    rec.heartbeat.stop()
+    node = "ab" * 28
+    record = {"epoch": 1, "iteration": 6, "epoch_step": 2, "lr": 0.1, "reason": "preemption",
+              "preempted_nodes": [node], "preempted_ranks": [1], "deadline_ms": 1_767_225_600_000}
+    rec.on_checkpoint(record, lambda: {})
+    rec.on_checkpoint({"epoch": 1, "iteration": 7, "epoch_step": 3, "lr": 0.1}, lambda: {})  # a regular one
+    notices = [e for e in parse_events(store.read_text("pre", "events.jsonl")) if e["event"] == "preemption_notice"]
+    assert len(notices) == 1
+    e = notices[0]
+    assert (e["epoch"], e["iteration"], e["epoch_step"], e["nodes"], e["ranks"]) == (1, 6, 2, [node], [1])
+    assert e["deadline"] == "2026-01-01T00:00:00.000+00:00"
+    runner = CliRunner()
+    out = runner.invoke(app, ["runs", "show", "pre", "--store", str(store.root), "--json"])
+    assert out.exit_code == 0, out.output
+    assert [p["iteration"] for p in json.loads(out.stdout)["preemptions"]] == [6]
+    out = runner.invoke(app, ["runs", "show", "pre", "--store", str(store.root)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "Preemption notices" in out.stdout and node[:12] in out.stdout

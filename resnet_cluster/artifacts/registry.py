@@ -283,6 +283,8 @@ def show_run(store: ArtifactStore, run_id: str, *, last_events: int = 20) -> dic
         "events": events[-last_events:] if last_events > 0 else [],
         # every world-size change of an elastic run: {time, from_world_size, to_world_size, iteration, ...}
         "resizes": [e for e in events if e.get("event") == "resized"],
+        # each announced preemption of a node of the run, and the checkpoint taken for it
+        "preemptions": [e for e in events if e.get("event") == "preemption_notice"],
         "heartbeat": _heartbeat(store, run_id),
         "files": store.list_files(run_id),
         "manifest_problems": verify_manifest(store, run_id, hashes=False),

@@ -27,6 +27,14 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def utc_from_ms(ms: int | None) -> str | None:
+    """UNIX time in milliseconds (as Ray reports a deadline) in :func:`utc_now`'s form; a
+    missing or zero time (Ray's "no deadline") is None."""
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+
+
 class RunWriter:
     """Appends events to ``events.jsonl`` and writes ``summary.json`` for one run."""
 

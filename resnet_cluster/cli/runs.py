@@ -120,6 +120,15 @@ def show(
             rt.add_row(str(e.get("time")), str(e.get("iteration")), f"{e.get('from_world_size')} -> {e.get('to_world_size')}",
                        str(e.get("training_workers")), str(e.get("micro_batches_per_step")))
         console.print(rt)
+    if info.get("preemptions"):
+        pt = Table(title="Preemption notices (a checkpoint was taken at each)")
+        for col in ("time", "epoch", "iteration", "nodes", "ranks", "deadline"):
+            pt.add_column(col)
+        for e in info["preemptions"]:
+            nodes = ", ".join(n[:12] for n in e.get("nodes") or [])
+            pt.add_row(str(e.get("time")), str(e.get("epoch")), str(e.get("iteration")), nodes,
+                       ", ".join(map(str, e.get("ranks") or [])), str(e.get("deadline") or "none given"))
+        console.print(pt)
     if summary:
         final, best = summary.get("final", {}), summary.get("best", {})
         mt = Table(title="Metrics")

@@ -48,7 +48,9 @@ class Callback:
 
     def wants_checkpoint(self, record: dict[str, Any]) -> bool:
         """Asked on every rank at each log point; True (on every rank alike) takes a mid-epoch
-        checkpoint there (the worker's answer to a node's announced preemption)."""
+        checkpoint there (the worker's answer to a node's announced preemption). It may add
+        keys to ``record`` that say why (nodes, deadline); ``on_checkpoint`` gets them, with
+        ``reason: "preemption"``."""
         return False
 
     def on_finish(self, summary: dict[str, Any], model: nn.Module) -> None: ...
