@@ -568,3 +568,29 @@ def test_a_preemption_checkpoint_is_an_event_that_runs_show_lists(tmp_path):
     assert [p["iteration"] for p in json.loads(out.stdout)["preemptions"]] == [6]
     out = runner.invoke(app, ["runs", "show", "pre", "--store", str(store.root)], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "Preemption notices" in out.stdout and node[:12] in out.stdout
+
+
+def test_failure_recorder_writes_each_worker_group_failure_once(tmp_path):
+    """The controller-side callback: Ray's wrapped worker error (its traceback text) becomes one
+    line per rank in a `worker_failed` event, once per distinct failure; it survives the pickling
+    that takes it to the controller."""
+    import pickle
+
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    from resnet_cluster.artifacts.registry import parse_events
+    from resnet_cluster.launch.controller import FailureRecorder
+
+    store = _store(tmp_path)
+    try:
+        open(tmp_path, "wb")  # a folder: what a store refusing a checkpoint file raises
+    except IsADirectoryError as e:
+        wrapped = construct_user_exception_with_traceback(e)
+    rec = pickle.loads(pickle.dumps(FailureRecorder(store.root, None, "wf", "s1")))
+    rec.after_exception(None, {0: wrapped})
+    rec.after_exception(None, {0: wrapped})  # the next poll of the same failed group
+    rec.after_exception(None, {1: RuntimeError("gloo: connection reset by peer")})
+    events = parse_events(store.read_text("wf", "events.jsonl"))
+    assert [(e["event"], e["ranks"]) for e in events] == [("worker_failed", [0]), ("worker_failed", [1])]
+    assert events[0]["errors"]["0"].startswith("IsADirectoryError: [Errno 21] Is a directory")
+    assert events[1]["errors"] == {"1": "RuntimeError: gloo: connection reset by peer"} and events[1]["submission"] == "s1"

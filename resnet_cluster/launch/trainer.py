@@ -128,6 +128,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from resnet_cluster.launch.controller import FailureRecorder
     from resnet_cluster.worker import train_loop_per_worker
 
     plan = scaling_plan(cfg)
@@ -159,6 +160,7 @@ def build_trainer(
             storage_filesystem=storage_fs,
             failure_config=failure_config(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            callbacks=callbacks,
+            # in the controller: each failure of the worker group becomes an event of the run
+            callbacks=[FailureRecorder(store.root, cfg.artifacts.endpoint_url, run_id, submission), *(callbacks or [])],
         ),
     )
