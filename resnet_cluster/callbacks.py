@@ -264,13 +264,29 @@ class RayReporter(Callback):
     training thread), which restarts from that previous checkpoint.
     """
 
-    def __init__(self, cfg: JobConfig, ctx: WorkerContext):
+    def __init__(self, cfg: JobConfig, ctx: WorkerContext, run_id: str = "run"):
         self.cfg, self.ctx, self.total_epochs = cfg, ctx, 0
         self.upload = cfg.checkpoint.upload
         self.preemption_seen: set[tuple] = set()
+        # this run's local checkpoint folders on this node: rc-ckpt-<run id>+<random> ("+" is in
+        # no run id, so run "a" never takes run "a-b"'s folders for its own)
+        self.prefix = f"rc-ckpt-{run_id}+"
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.total_epochs = info["total_epochs"]
+        if self.ctx.is_main:
+            self._remove_left_folders()
+
+    def _remove_left_folders(self) -> None:
+        """Ray deletes a checkpoint's local folder once it is uploaded; one whose upload failed
+        stays (Ray fails the worker group instead). When a worker group starts, the run's
+        earlier groups are gone, and no upload of theirs is running: what is left of them in
+        this node's temp folder goes (a ResNet-152 train state is about 0.5 GB)."""
+        tmp = tempfile.gettempdir()
+        for name in os.listdir(tmp):
+            if name.startswith(self.prefix) and os.path.isdir(os.path.join(tmp, name)):
+                log.info("removing %s, a checkpoint folder an earlier worker group left", name)
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
 
     def _report(self, metrics: dict[str, Any], state, name: str | None) -> None:
         import ray.train
@@ -280,7 +296,7 @@ class RayReporter(Callback):
         if name is None or not self.ctx.is_main:
             ray.train.report(metrics, checkpoint_upload_mode=mode)
             return
-        tmp = tempfile.mkdtemp(prefix="rc-ckpt-")
+        tmp = tempfile.mkdtemp(prefix=self.prefix)
         try:
             save_train_state(tmp, state())
             ray.train.report(

@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("progress_queue") is not None:
             callbacks.append(ProgressForwarder(config["progress_queue"], workers))
     callbacks.append(RayMetrics(config["run_id"], ctx.rank))
-    callbacks.append(RayReporter(cfg, ctx))
+    callbacks.append(RayReporter(cfg, ctx, run_id=config["run_id"]))
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         # DDP through Ray Train: gloo on the CPU, nccl on GPUs (TorchConfig in launch.trainer).

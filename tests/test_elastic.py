@@ -594,3 +594,22 @@ def test_failure_recorder_writes_each_worker_group_failure_once(tmp_path):
     assert [(e["event"], e["ranks"]) for e in events] == [("worker_failed", [0]), ("worker_failed", [1])]
     assert events[0]["errors"]["0"].startswith("IsADirectoryError: [Errno 21] Is a directory")
     assert events[1]["errors"] == {"1": "RuntimeError: gloo: connection reset by peer"} and events[1]["submission"] == "s1"
+
+
+def test_a_new_worker_group_removes_only_its_own_runs_left_checkpoint_folders(tmp_path, monkeypatch):
+    """A failed async upload leaves its local folder (Ray deletes it only after an upload);
+    the run's next worker group removes those of this run, never another run's."""
+    import tempfile
+
+    from resnet_cluster.callbacks import RayReporter
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in ("rc-ckpt-a+x1y2z3", "rc-ckpt-a-b+k9k9k9", "rc-ckpt-other+q1", "unrelated"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.pt").write_bytes(b"x")
+    rep = RayReporter(tiny("2"), WorkerContext(), run_id="a")
+    rep.on_start({"total_epochs": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rc-ckpt-a-b+k9k9k9", "rc-ckpt-other+q1", "unrelated"]
+    assert rep.total_epochs == 3
+    RayReporter(tiny("2"), WorkerContext(rank=1, world_size=2), run_id="a-b").on_start({"total_epochs": 3})
+    assert (tmp_path / "rc-ckpt-a-b+k9k9k9").exists()  # only the main rank cleans
