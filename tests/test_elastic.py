@@ -594,6 +594,14 @@ def test_failure_recorder_writes_each_worker_group_failure_once(tmp_path):
     assert [(e["event"], e["ranks"]) for e in events] == [("worker_failed", [0]), ("worker_failed", [1])]
     assert events[0]["errors"]["0"].startswith("IsADirectoryError: [Errno 21] Is a directory")
     assert events[1]["errors"] == {"1": "RuntimeError: gloo: connection reset by peer"} and events[1]["submission"] == "s1"
+    from typer.testing import CliRunner
+
+    from resnet_cluster.cli import app
+
+    store.write_text("wf", "config.yaml", tiny("2").to_yaml())
+    out = CliRunner().invoke(app, ["runs", "show", "wf", "--store", str(store.root)], env={"COLUMNS": "250"})
+    assert out.exit_code == 0, out.output
+    assert "Worker group failures" in out.stdout and "gloo: connection reset by peer" in out.stdout
 
 
 def test_a_new_worker_group_removes_only_its_own_runs_left_checkpoint_folders(tmp_path, monkeypatch):

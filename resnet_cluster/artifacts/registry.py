@@ -285,6 +285,8 @@ def show_run(store: ArtifactStore, run_id: str, *, last_events: int = 20) -> dic
         "resizes": [e for e in events if e.get("event") == "resized"],
         # each announced preemption of a node of the run, and the checkpoint taken for it
         "preemptions": [e for e in events if e.get("event") == "preemption_notice"],
+        # each failure of the worker group Ray Train saw (ranks, one line per error)
+        "worker_failures": [e for e in events if e.get("event") == "worker_failed"],
         "heartbeat": _heartbeat(store, run_id),
         "files": store.list_files(run_id),
         "manifest_problems": verify_manifest(store, run_id, hashes=False),

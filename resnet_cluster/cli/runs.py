@@ -129,6 +129,14 @@ def show(
             pt.add_row(str(e.get("time")), str(e.get("epoch")), str(e.get("iteration")), nodes,
                        ", ".join(map(str, e.get("ranks") or [])), str(e.get("deadline") or "none given"))
         console.print(pt)
+    if info.get("worker_failures"):
+        ft = Table(title="Worker group failures")
+        for col in ("time", "rank", "error"):
+            ft.add_column(col)
+        for e in info["worker_failures"]:
+            for rank, text in (e.get("errors") or {}).items():
+                ft.add_row(str(e.get("time")), rank, text)
+        console.print(ft)
     if summary:
         final, best = summary.get("final", {}), summary.get("best", {})
         mt = Table(title="Metrics")
