@@ -174,8 +174,10 @@ def test_a_failed_async_upload_leaves_the_previous_checkpoint_and_the_run_resume
     # the failed upload is not registered: what a restart resumes from is the one before it
     registered = _checkpoints(c, UPLOAD_RUN)
     assert "iter_000000016" in registered and "iter_000000024" not in registered, registered
-    snap = json.loads((run_dir(c, UPLOAD_RUN) / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
-    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "iter_000000016"
+    from resnet_cluster.artifacts import checkpoints
+    from resnet_cluster.artifacts.store import ArtifactStore
+
+    assert checkpoints.latest(ArtifactStore(str(c["store"])), UPLOAD_RUN)["dir"] == "iter_000000016"
     blocker.rmdir()  # the store takes writes again (a passing outage)
     # and it opens on its own, on the CPU, with a plain torch.load
     state = torch.load(run_dir(c, UPLOAD_RUN) / "checkpoints" / "iter_000000016" / "train_state.pt",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from resnet_cluster import config
+from resnet_cluster.artifacts import checkpoints
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.errors import ClusterError, ConfigError
 from resnet_cluster.launch import failures, remote
@@ -100,7 +101,7 @@ def _failed_run(tmp_path, *, checkpoint: bool) -> ArtifactStore:
                                                             {"rank": 1, "node_id": "b" * 56}]})  # fmt: skip
     if checkpoint:  # Ray Train's checkpoint index, as 2.60 writes it
         latest = {"checkpoint_dir_name": "epoch_00004", "metrics": {"epoch": 3, "iteration": 40}}
-        store.write_json("r1", failures.SNAPSHOT, {"latest_checkpoint_result": latest})
+        store.write_json("r1", checkpoints.INDEX, {"latest_checkpoint_result": latest})
     return store
 
 

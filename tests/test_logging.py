@@ -7,6 +7,7 @@ import logging
 
 from typer.testing import CliRunner
 
+from resnet_cluster.artifacts import checkpoints
 from resnet_cluster.artifacts.store import ArtifactStore
 from resnet_cluster.cli import app
 from resnet_cluster.launch import failures
@@ -15,7 +16,7 @@ from resnet_cluster.launch import failures
 def test_swallowed_errors_leave_a_debug_record(tmp_path, caplog):
     store = ArtifactStore(str(tmp_path / "store"))
     with caplog.at_level(logging.DEBUG, logger="resnet_cluster"):
-        assert failures.last_checkpoint(store, "r1") is None
+        assert checkpoints.latest(store, "r1") is None
         assert failures.lost_worker_nodes(store, "r1", {"n1": "10.0.0.1"}, {}) == {}
     names = [(r.name, r.levelno) for r in caplog.records]
     assert names == [("resnet_cluster.artifacts.checkpoints", logging.DEBUG),

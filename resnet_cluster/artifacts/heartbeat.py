@@ -14,6 +14,7 @@ so the manifest covers their final state.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import datetime, timezone
@@ -22,6 +23,8 @@ from typing import Any, Callable
 INTERVAL_S = 30.0
 LOST_AFTER = 4  # intervals without a heartbeat (2 minutes): a busy store may miss one or two
 FILES = ("heartbeat.driver.json", "heartbeat.rank0.json")
+
+log = logging.getLogger(__name__)
 
 
 def file_name(who: str) -> str:
@@ -53,7 +56,7 @@ class Heartbeat:
         try:
             self.store.write_json(self.run_id, self.name, record)
         except Exception:  # an unreachable store must not stop training; the next beat retries
-            pass
+            log.debug("heartbeat %s of run %s not written", self.name, self.run_id, exc_info=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

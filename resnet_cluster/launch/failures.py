@@ -21,8 +21,6 @@ from resnet_cluster.launch.trainer import scaling_plan
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT = checkpoints.INDEX  # Ray Train's checkpoint index
-
 
 def causes(e: BaseException) -> Iterator[BaseException]:
     """``e`` and every exception wrapped in it: causes, contexts, Ray Train's worker and
@@ -51,11 +49,6 @@ def alive_nodes() -> dict[str, str] | None:
     except Exception:
         log.debug("ray.nodes() failed", exc_info=True)
         return None
-
-
-def last_checkpoint(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
-    """The checkpoint a resume starts from (Ray Train's latest registered one), or None."""
-    return checkpoints.latest(store, run_id)
 
 
 def lost_worker_nodes(
@@ -107,7 +100,7 @@ def explain(
             f"failure.max_failures ({allowed}) allowed no "
             + ("restart" if allowed == 0 else f"restart beyond the {allowed} already made")
         )
-    ckpt = last_checkpoint(store, run_id)
+    ckpt = checkpoints.latest(store, run_id)
     if ckpt:
         kept = (
             f"Everything up to the last checkpoint ({ckpt['dir']}: {ckpt['epochs']} epochs, iteration "
